@@ -1,0 +1,303 @@
+//! `run`: wires the stages together and stops them in order (decide, tell, wait).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, StoreKind};
+use crate::did::{DidMethod, Identity, LocalResolver};
+use crate::mapping::MapLimits;
+use crate::mqtt::{self, Backoff, Link};
+use crate::pipeline::{self, Committer, RateLimiter, Routing, Shared, Stats};
+use crate::ship::{ShipStats, Shipper};
+use crate::store::{self, Sink};
+use crate::verify::{Verifier, VerifyLimits};
+
+/// A start-up failure.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad configuration (exit 78).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The state directory or identity cannot be used.
+    #[error("{0}")]
+    State(String),
+    /// The store cannot be opened.
+    #[error("store {path}: {source}")]
+    Store {
+        /// The database file.
+        path: String,
+        /// Why.
+        #[source]
+        source: store::StoreError,
+    },
+    /// The embedded broker did not start.
+    #[error("{0}")]
+    Broker(String),
+}
+
+/// Loads the hub identity from `state_dir`, creating it on first start.
+pub fn load_or_create_identity(cfg: &Config) -> Result<(Identity, bool), RunError> {
+    let path = cfg.identity_path();
+    if path.exists() {
+        let id = Identity::load(&path).map_err(|e| {
+            RunError::State(format!(
+                "hub identity {}: {e}; restore it from backup (devices encrypt to this DID)",
+                path.display()
+            ))
+        })?;
+        return Ok((id, false));
+    }
+    create_state_dir(cfg)?;
+    let id = Identity::generate(cfg.identity.method);
+    id.save(&path)
+        .map_err(|e| RunError::State(format!("cannot write {}: {e}", path.display())))?;
+    Ok((id, true))
+}
+
+fn create_state_dir(cfg: &Config) -> Result<(), RunError> {
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
+        RunError::State(format!(
+            "state_dir {}: {e}; create it or set state_dir in hub.toml",
+            cfg.state_dir.display()
+        ))
+    })
+}
+
+/// The hub, running until `shutdown` is cancelled; then it drains within
+/// `pipeline.shutdown_timeout`. `stats` is filled as it runs.
+pub async fn run(
+    cfg: Config,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+) -> Result<(), RunError> {
+    let (identity, created) = load_or_create_identity(&cfg)?;
+    if created {
+        tracing::info!(did = %identity.did, path = %cfg.identity_path().display(), "created the hub identity");
+    }
+    let hub_did = identity.did.clone();
+    // The public DID, readable by `didhub send` and by people; the secrets stay 0600.
+    let did_file = cfg.state_dir.join("hub.did");
+    if let Err(e) = std::fs::write(&did_file, format!("{hub_did}\n")) {
+        tracing::warn!(path = %did_file.display(), error = %e, "cannot write the hub DID file");
+    }
+
+    #[cfg(feature = "embedded-broker")]
+    if cfg.broker.embedded {
+        crate::broker::start(cfg.broker.listen, cfg.limits.max_message_bytes * 4 + 1024)
+            .map_err(RunError::Broker)?;
+        tracing::info!(listen = %cfg.broker.listen, "embedded MQTT broker started");
+    }
+    #[cfg(not(feature = "embedded-broker"))]
+    if cfg.broker.embedded {
+        return Err(RunError::Broker(
+            "broker.embedded = true, but this build has no `embedded-broker` feature; use an external broker".into(),
+        ));
+    }
+
+    create_state_dir(&cfg)?;
+    let db = cfg.db_path();
+    let open = |p: &std::path::Path| {
+        store::open(p).map_err(|source| RunError::Store {
+            path: p.display().to_string(),
+            source,
+        })
+    };
+    let conn = open(&db)?;
+    let sink = match cfg.store.kind {
+        StoreKind::Embedded => Sink::Embedded,
+        StoreKind::Influxdb => Sink::Outbox,
+    };
+
+    let resolver = Arc::new(LocalResolver::new(100_000));
+    let verifier = Verifier::new(
+        identity,
+        resolver,
+        VerifyLimits {
+            max_message_bytes: cfg.limits.max_message_bytes,
+            clock_skew_secs: cfg.limits.clock_skew.as_secs(),
+        },
+    );
+    let routing = Routing::new(&cfg);
+    let subscriptions = routing.subscriptions();
+    let shared = Arc::new(Shared {
+        verifier,
+        routing,
+        limiter: RateLimiter::new(
+            cfg.reports.per_sender_per_second,
+            cfg.reports.per_sender_burst,
+            cfg.reports.global_per_second,
+            cfg.reports.global_burst,
+        ),
+        stats: stats.clone(),
+        map_limits: MapLimits {
+            max_depth: cfg.limits.max_json_depth,
+            max_fields: cfg.limits.max_fields,
+        },
+        reports_enabled: cfg.reports.enabled,
+        report_unparseable: cfg.reports.report_unparseable,
+        escalate_to: cfg.reports.escalate_to.clone(),
+    });
+
+    // Shipper (InfluxDB mode).
+    let outbox_notify = Arc::new(tokio::sync::Notify::new());
+    let ship_stats = Arc::new(ShipStats::default());
+    let ship_stop = CancellationToken::new();
+    let shipper = match (&cfg.store.kind, &cfg.store.influxdb) {
+        (StoreKind::Influxdb, Some(icfg)) => {
+            let token = icfg.resolved_token()?;
+            let client = influxdb2::Client::new(
+                icfg.url.clone(),
+                icfg.organization.clone(),
+                token.expose().to_string(),
+            );
+            let shipper = Arc::new(Shipper {
+                client,
+                cfg: icfg.clone(),
+                conn: Arc::new(Mutex::new(open(&db)?)),
+                notify: outbox_notify.clone(),
+                stats: ship_stats.clone(),
+            });
+            let s = shipper.clone();
+            let stop = ship_stop.clone();
+            Some((shipper, tokio::spawn(async move { s.run(stop).await })))
+        }
+        _ => None,
+    };
+
+    // Stages.
+    let workers = if cfg.pipeline.workers == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    } else {
+        cfg.pipeline.workers
+    };
+    let (in_tx, in_rx) = flume::bounded(cfg.pipeline.queue);
+    let (work_tx, work_rx) = flume::bounded(cfg.pipeline.queue);
+    let (settled_tx, settled_rx) = flume::bounded(cfg.pipeline.queue);
+    let worker_handles = pipeline::spawn_workers(workers, shared.clone(), in_rx, work_tx);
+    let committer = Committer {
+        conn,
+        sink,
+        max_batch: cfg.store.max_batch,
+        replay_window_ns: cfg.store.replay_window.as_nanos().min(i64::MAX as u128) as i64,
+        shared: shared.clone(),
+        outbox_notify: (sink == Sink::Outbox).then(|| outbox_notify.clone()),
+    };
+    let committer_handle = std::thread::Builder::new()
+        .name("committer".into())
+        .spawn(move || committer.run(work_rx, settled_tx))
+        .map_err(|e| RunError::State(format!("cannot start the committer thread: {e}")))?;
+
+    let (client, eventloop) = mqtt::connect(&cfg.mqtt)?;
+    let input = Arc::new(Mutex::new(Some(in_tx)));
+    let link = Arc::new(Link::default());
+    let poll = tokio::spawn(mqtt::poll_loop(
+        eventloop,
+        client.clone(),
+        subscriptions.clone(),
+        input.clone(),
+        stats.clone(),
+        link.clone(),
+        Backoff::new(cfg.mqtt.reconnect_min, cfg.mqtt.reconnect_max),
+        cfg.mqtt.url.clone(),
+    ));
+    let acker = tokio::spawn(mqtt::acker(settled_rx, client.clone(), stats.clone()));
+
+    let topics: Vec<&str> = subscriptions.iter().map(|(t, _)| t.as_str()).collect();
+    tracing::info!(
+        did = %hub_did,
+        broker = %cfg.mqtt.url,
+        topics = ?topics,
+        store = ?cfg.store.kind,
+        workers,
+        "didhub ready: devices publish DIDComm posts to the topics above, addressed to the hub DID"
+    );
+
+    // Periodic summary while running.
+    let summary_stats = stats.clone();
+    let summary_stop = shutdown.clone();
+    let summary = tokio::spawn(async move {
+        let mut last = String::new();
+        loop {
+            tokio::select! {
+                _ = summary_stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            }
+            let s = summary_stats.summary();
+            if s != last {
+                tracing::info!("{s}");
+                last = s;
+            }
+        }
+    });
+
+    shutdown.cancelled().await;
+    tracing::info!(timeout = ?cfg.pipeline.shutdown_timeout, "stopping: ingest closed, draining the pipeline");
+    let deadline = tokio::time::Instant::now() + cfg.pipeline.shutdown_timeout;
+
+    // Decide: stop forwarding. Tell: the channel closes once the poll task holds no sender.
+    input.lock().unwrap_or_else(|e| e.into_inner()).take();
+    // Wait: workers, committer and acker finish as their inputs close.
+    let drained = async {
+        let _ = tokio::task::spawn_blocking(move || {
+            for h in worker_handles {
+                let _ = h.join();
+            }
+            match committer_handle.join() {
+                Ok(Err(e)) => tracing::error!(error = %e, "the committer stopped with an error"),
+                Err(_) => tracing::error!("the committer panicked"),
+                Ok(Ok(())) => {}
+            }
+        })
+        .await;
+        let _ = acker.await;
+        // Acks are queued in rumqttc; the disconnect goes after them.
+        let _ = client.disconnect().await;
+        let _ = poll.await;
+    };
+    if tokio::time::timeout_at(deadline, drained).await.is_err() {
+        tracing::warn!(
+            "shutdown deadline reached; unacknowledged messages will be redelivered by the broker"
+        );
+    }
+    summary.abort();
+    if let Some((shipper, handle)) = shipper {
+        ship_stop.cancel();
+        let _ = handle.await;
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if tokio::time::timeout(remaining.max(Duration::from_secs(1)), shipper.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "outbox flush cut short by the shutdown deadline; it resumes on the next start"
+            );
+        }
+        tracing::info!(
+            shipped = ship_stats.shipped.load(Ordering::Relaxed),
+            errors = ship_stats.errors.load(Ordering::Relaxed),
+            dead_letters = ship_stats.dead.load(Ordering::Relaxed),
+            "shipper stopped"
+        );
+    }
+    tracing::info!("stopped: {}", stats.summary());
+    Ok(())
+}
+
+/// Creates a device identity file (`keygen`).
+pub fn keygen(path: &std::path::Path, method: DidMethod, force: bool) -> Result<Identity, String> {
+    if path.exists() && !force {
+        return Err(format!(
+            "{} exists; pass --force to overwrite it (the old identity is lost)",
+            path.display()
+        ));
+    }
+    let id = Identity::generate(method);
+    id.save(path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(id)
+}

@@ -1,0 +1,390 @@
+//! The device-side and operator commands: `send`, `query`.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+
+use crate::config::{parse_mqtt_url, Config};
+use crate::did::Identity;
+use crate::mapping::{FieldValue, Point};
+use crate::store;
+use crate::verify::{pack_post, Envelope};
+
+/// What `send` does.
+#[derive(Debug, Clone)]
+pub struct SendPlan {
+    /// The device identity.
+    pub device: Identity,
+    /// The hub DID.
+    pub to: String,
+    /// `mqtt://host:port`.
+    pub broker: String,
+    /// Topic.
+    pub topic: String,
+    /// The payload.
+    pub payload: Value,
+    /// Envelope.
+    pub mode: Envelope,
+    /// How many.
+    pub count: u64,
+    /// Messages per second (None: as fast as possible).
+    pub rate: Option<f64>,
+    /// Publish QoS.
+    pub qos: u8,
+    /// Put the message number into this payload member (object payloads).
+    pub seq_field: Option<String>,
+    /// Print progress on stderr.
+    pub progress: bool,
+}
+
+/// The result of `send`.
+#[derive(Debug, Clone, Copy)]
+pub struct SendSummary {
+    /// Published.
+    pub sent: u64,
+    /// Acknowledged by the broker (QoS 1).
+    pub acked: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// The default topic for a device: the first route's first filter, wildcards filled in.
+pub fn default_topic(cfg: &Config, device_did: &str) -> String {
+    let filter = cfg
+        .routes
+        .first()
+        .and_then(|r| r.topics.first())
+        .cloned()
+        .unwrap_or_else(|| "devices/+/telemetry".into());
+    let short: String = device_did
+        .chars()
+        .rev()
+        .take(8)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    filter
+        .split('/')
+        .map(|l| match l {
+            "+" => short.as_str(),
+            "#" => "post",
+            other => other,
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The hub DID from `state_dir/hub.did` (written by the hub on start).
+pub fn hub_did_from_state(cfg: &Config) -> Result<String, String> {
+    let p = cfg.state_dir.join("hub.did");
+    std::fs::read_to_string(&p)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| {
+            format!(
+                "cannot read the hub DID from {}: {e}; start the hub once (`didhub run`) or pass --to DID",
+                p.display()
+            )
+        })
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Packs and publishes posts.
+pub async fn send(plan: SendPlan) -> Result<SendSummary, String> {
+    let (host, port) = parse_mqtt_url(&plan.broker)?;
+    let client_id = format!(
+        "didhub-send-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let mut opts = MqttOptions::new(client_id, host, port);
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(true)
+        .set_inflight(200)
+        .set_max_packet_size(256 * 1024 * 1024, 256 * 1024 * 1024);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+    let acked = Arc::new(AtomicU64::new(0));
+    let (conn_tx, mut conn_rx) = tokio::sync::watch::channel(None::<Result<(), String>>);
+    let acked2 = acked.clone();
+    let poll = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = conn_tx.send(Some(Ok(())));
+                }
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    acked2.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = conn_tx.send(Some(Err(e.to_string())));
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    });
+    // Wait for the connection so a wrong broker address fails fast and clearly.
+    let connected = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if conn_rx.changed().await.is_err() {
+                return Err("connection task ended".to_string());
+            }
+            if let Some(r) = conn_rx.borrow().clone() {
+                return r;
+            }
+        }
+    })
+    .await
+    .map_err(|_| format!("no answer from the broker {} within 10 s", plan.broker))?;
+    connected.map_err(|e| format!("cannot connect to the broker {}: {e}", plan.broker))?;
+
+    let qos = if plan.qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    let start = Instant::now();
+    let mut last_progress = Instant::now();
+    for i in 0..plan.count {
+        if let Some(rate) = plan.rate {
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let mut payload = plan.payload.clone();
+        if let (Some(f), Value::Object(m)) = (&plan.seq_field, &mut payload) {
+            m.insert(f.clone(), Value::from(i));
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let packed = pack_post(&plan.device, &plan.to, &id, payload, plan.mode, now_secs()).await?;
+        client
+            .publish(plan.topic.clone(), qos, false, packed.into_bytes())
+            .await
+            .map_err(|e| format!("publish failed: {e}"))?;
+        if plan.count == 1 {
+            eprintln!(
+                "sent post {id} ({}) to {} on {}",
+                plan.mode.as_str(),
+                plan.to,
+                plan.topic
+            );
+        }
+        if plan.progress && last_progress.elapsed() >= Duration::from_secs(1) {
+            last_progress = Instant::now();
+            let el = start.elapsed().as_secs_f64();
+            eprint!(
+                "\rsent {}/{}  acked {}  {:.0} msg/s   ",
+                i + 1,
+                plan.count,
+                acked.load(Ordering::Relaxed),
+                (i + 1) as f64 / el
+            );
+            let _ = std::io::stderr().flush();
+        }
+    }
+    if qos == QoS::AtLeastOnce {
+        let wait_until = Instant::now() + Duration::from_secs(60);
+        while acked.load(Ordering::Relaxed) < plan.count && Instant::now() < wait_until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let elapsed = start.elapsed();
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), poll).await;
+    let summary = SendSummary {
+        sent: plan.count,
+        acked: if qos == QoS::AtLeastOnce {
+            acked.load(Ordering::Relaxed)
+        } else {
+            0
+        },
+        elapsed,
+    };
+    if plan.progress {
+        eprintln!();
+    }
+    Ok(summary)
+}
+
+/// Output formats of `query`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns.
+    Table,
+    /// One JSON object per line.
+    Json,
+    /// CSV with a header.
+    Csv,
+    /// InfluxDB line protocol.
+    Line,
+}
+
+fn fmt_field(v: &FieldValue) -> String {
+    match v {
+        FieldValue::Float(f) => format!("{f}"),
+        FieldValue::Bool(b) => b.to_string(),
+        FieldValue::Str(s) => s.clone(),
+    }
+}
+
+fn rfc3339(ns: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64);
+    humantime::format_rfc3339_nanos(t).to_string()
+}
+
+fn csv_cell(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// Renders points.
+pub fn render(points: &[Point], format: Format) -> String {
+    let mut out = String::new();
+    match format {
+        Format::Line => {
+            for p in points {
+                out.push_str(&p.to_line());
+                out.push('\n');
+            }
+        }
+        Format::Json => {
+            for p in points {
+                let v = serde_json::json!({
+                    "time": rfc3339(p.timestamp_ns),
+                    "timestamp_ns": p.timestamp_ns,
+                    "measurement": p.measurement,
+                    "tags": p.tags,
+                    "fields": p.fields,
+                });
+                out.push_str(&v.to_string());
+                out.push('\n');
+            }
+        }
+        Format::Csv | Format::Table => {
+            let mut tag_keys: Vec<&String> = points.iter().flat_map(|p| p.tags.keys()).collect();
+            tag_keys.sort();
+            tag_keys.dedup();
+            let mut field_keys: Vec<&String> =
+                points.iter().flat_map(|p| p.fields.keys()).collect();
+            field_keys.sort();
+            field_keys.dedup();
+            let mut rows: Vec<Vec<String>> = Vec::new();
+            let mut header = vec!["time".to_string(), "measurement".to_string()];
+            header.extend(tag_keys.iter().map(|k| k.to_string()));
+            header.extend(field_keys.iter().map(|k| k.to_string()));
+            rows.push(header);
+            for p in points {
+                let mut r = vec![rfc3339(p.timestamp_ns), p.measurement.clone()];
+                r.extend(
+                    tag_keys
+                        .iter()
+                        .map(|k| p.tags.get(*k).cloned().unwrap_or_default()),
+                );
+                r.extend(
+                    field_keys
+                        .iter()
+                        .map(|k| p.fields.get(*k).map(fmt_field).unwrap_or_default()),
+                );
+                rows.push(r);
+            }
+            if format == Format::Csv {
+                for r in rows {
+                    let cells: Vec<String> = r.iter().map(|c| csv_cell(c)).collect();
+                    out.push_str(&cells.join(","));
+                    out.push('\n');
+                }
+            } else {
+                let widths: Vec<usize> = (0..rows[0].len())
+                    .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+                    .collect();
+                for r in rows {
+                    let cells: Vec<String> = r
+                        .iter()
+                        .zip(&widths)
+                        .map(|(c, w)| format!("{c:<w$}"))
+                        .collect();
+                    out.push_str(cells.join("  ").trim_end());
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Opens the store read-only for queries.
+pub fn open_for_query(db: &Path) -> Result<rusqlite::Connection, String> {
+    if !db.exists() {
+        return Err(format!(
+            "no store at {}: start the hub first (`didhub run`), or check state_dir in hub.toml",
+            db.display()
+        ));
+    }
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| format!("{}: {e}", db.display()))?;
+    c.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
+    Ok(c)
+}
+
+/// Reads points from the embedded store.
+pub fn query(
+    db: &Path,
+    measurement: Option<&str>,
+    since: Duration,
+    limit: usize,
+) -> Result<Vec<Point>, String> {
+    let c = open_for_query(db)?;
+    let since_ns = crate::now_ns() - since.as_nanos().min(i64::MAX as u128) as i64;
+    store::query_points(&c, measurement, since_ns, limit).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn renders_every_format() {
+        let mut tags = BTreeMap::new();
+        tags.insert("did".to_string(), "did:key:z6Mk".to_string());
+        let mut fields = BTreeMap::new();
+        fields.insert("temp".to_string(), FieldValue::Float(21.5));
+        fields.insert("note".to_string(), FieldValue::Str("a,b".into()));
+        let p = Point {
+            measurement: "telemetry".into(),
+            tags,
+            fields,
+            timestamp_ns: 1_700_000_000_000_000_000,
+        };
+        let t = render(std::slice::from_ref(&p), Format::Table);
+        assert!(t.starts_with("time"), "{t}");
+        assert!(
+            t.contains("21.5") && t.contains("2023-11-14T22:13:20"),
+            "{t}"
+        );
+        let c = render(std::slice::from_ref(&p), Format::Csv);
+        assert!(c.contains("\"a,b\""), "{c}");
+        let j = render(std::slice::from_ref(&p), Format::Json);
+        let v: Value = serde_json::from_str(j.trim()).unwrap();
+        assert_eq!(v["fields"]["temp"], 21.5);
+        let l = render(std::slice::from_ref(&p), Format::Line);
+        assert_eq!(
+            l.trim(),
+            "telemetry,did=did:key:z6Mk note=\"a,b\",temp=21.5 1700000000000000000"
+        );
+    }
+}

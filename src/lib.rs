@@ -1,0 +1,42 @@
+//! didhub: verified DIDComm posts from IoT devices over MQTT, committed durably, stored as time
+//! series, and answered with problem reports when rejected.
+//!
+//! ```text
+//!  broker ─▶ mqtt (poll task) ─▶ pipeline: verify workers ─▶ committer (SQLite) ─▶ acker ─▶ broker
+//!                                  │  verify (didcomm façade)   │ points + replay window     │ reports, then
+//!                                  │  mapping (payload→points)  │ in one transaction         │ acks in order
+//!                                                               └─▶ ship (outbox → InfluxDB)
+//! ```
+//!
+//! - [`config`]: `hub.toml`, strict and validated; exit 78 on errors.
+//! - [`did`]: did:key and did:peer:2 resolution, identities and their secrets.
+//! - [`verify`]: the only user of the `didcomm` crate; owns the trust policy and builds reports.
+//! - [`mapping`]: pure payload → point mapping and line protocol.
+//! - [`pipeline`]: the stages between ingest and ack, counters, report rate limits.
+//! - [`store`]: SQLite (WAL) with group commit and the replay window.
+//! - [`mqtt`]: rumqttc poll task with backoff, and the in-order acker.
+//! - [`ship`]: outbox → InfluxDB `/api/v2/write`, delete only after acceptance.
+//! - [`app`]: `run()`: wiring and ordered shutdown.
+//! - [`cli`]: the device-side `send` and the operator's `query`.
+//! - `broker`: the embedded rumqttd broker (feature `embedded-broker`).
+
+pub mod app;
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod did;
+pub mod mapping;
+pub mod mqtt;
+pub mod pipeline;
+pub mod ship;
+pub mod store;
+pub mod verify;
+
+/// Now, in nanoseconds since the Unix epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos().min(i64::MAX as u128) as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,401 @@
+//! The `didhub` command: parses arguments, loads config, installs tracing, calls the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use didhub::config::{Config, EX_CONFIG, SHIPPED_HUB_TOML};
+use didhub::did::DidMethod;
+use didhub::verify::Envelope;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "didhub",
+    version,
+    about = "Verified DIDComm telemetry from MQTT devices into time-series storage"
+)]
+struct Cli {
+    /// The configuration file.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "DIDHUB_CONFIG",
+        default_value = "hub.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the hub.
+    Run,
+    /// Check the configuration: exit 0, or 78 with the key and the fix.
+    Validate,
+    /// Print the hub DID (created on first `run`).
+    Identity {
+        /// Print the DID document too.
+        #[arg(long)]
+        doc: bool,
+    },
+    /// Make a device identity file (secrets, mode 0600).
+    Keygen {
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+        /// `key` (did:key Ed25519) or `peer` (did:peer:2).
+        #[arg(long, default_value = "key", value_parser = parse_method)]
+        method: DidMethod,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Pack a post as a device and publish it.
+    Send {
+        /// The device identity file (from `keygen`).
+        #[arg(long)]
+        identity: PathBuf,
+        /// The payload, any JSON.
+        #[arg(long)]
+        payload: String,
+        /// The hub DID (default: from the hub's state_dir).
+        #[arg(long)]
+        to: Option<String>,
+        /// `mqtt://host:port` (default: mqtt.url of hub.toml).
+        #[arg(long)]
+        broker: Option<String>,
+        /// signed, authcrypt, anoncrypt, anoncrypt-signed, authcrypt-signed or plaintext.
+        #[arg(long, default_value = "signed", value_parser = parse_mode)]
+        mode: Envelope,
+        /// Topic (default: the first route's filter with the wildcards filled in).
+        #[arg(long)]
+        topic: Option<String>,
+        /// How many posts.
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// Posts per second (default: as fast as possible).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Publish QoS (0 or 1).
+        #[arg(long, default_value_t = 1)]
+        qos: u8,
+        /// Put the post's number into this payload member (object payloads).
+        #[arg(long)]
+        seq_field: Option<String>,
+    },
+    /// Show stored points from the embedded store.
+    Query {
+        /// Only this measurement.
+        #[arg(long)]
+        measurement: Option<String>,
+        /// How far back, e.g. 10m, 2h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        since: Duration,
+        /// table, json, csv or line (InfluxDB line protocol).
+        #[arg(long, value_enum, default_value = "table")]
+        format: didhub::cli::Format,
+        /// At most this many points.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Show points the store refused for good instead.
+        #[arg(long)]
+        dead_letters: bool,
+    },
+    /// Print the shipped, fully commented hub.toml.
+    ExampleConfig,
+}
+
+fn parse_method(s: &str) -> Result<DidMethod, String> {
+    match s {
+        "key" => Ok(DidMethod::Key),
+        "peer" => Ok(DidMethod::Peer),
+        _ => Err(format!("`{s}`: use `key` or `peer`")),
+    }
+}
+
+fn parse_mode(s: &str) -> Result<Envelope, String> {
+    Envelope::parse(s).ok_or_else(|| {
+        format!("`{s}`: use signed, authcrypt, anoncrypt, anoncrypt-signed, authcrypt-signed or plaintext")
+    })
+}
+
+fn env_pairs() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("HUB__"))
+        .collect()
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path, &env_pairs()).map_err(|e| {
+        eprintln!("didhub: configuration error: {e}");
+        ExitCode::from(EX_CONFIG as u8)
+    })
+}
+
+fn init_tracing(cfg: Option<&Config>) {
+    use std::io::IsTerminal;
+    let level = cfg.map(|c| c.log.level.as_str()).unwrap_or("info");
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},rumqttd=warn")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    if cfg.is_some_and(|c| c.log.format == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("didhub: {msg}");
+    ExitCode::FAILURE
+}
+
+fn main() -> ExitCode {
+    // The didcomm crate builds errors while detecting envelopes; with library backtraces on,
+    // each one captures a backtrace (3.5× slower). Set before any thread starts.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    rt.block_on(real_main(cli))
+}
+
+async fn real_main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::ExampleConfig => {
+            print!("{SHIPPED_HUB_TOML}");
+            ExitCode::SUCCESS
+        }
+        Command::Validate => match load(&cli.config) {
+            Ok(cfg) => {
+                println!(
+                    "{}: ok ({} route(s), {} device(s), store {:?})",
+                    cli.config.display(),
+                    cfg.routes.len(),
+                    cfg.devices.len(),
+                    cfg.store.kind
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Keygen { out, method, force } => match didhub::app::keygen(&out, method, force) {
+            Ok(id) => {
+                println!("{}", id.did);
+                eprintln!("wrote {} (mode 0600; keep it secret)", out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Identity { doc } => {
+            let cfg = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let did = match didhub::cli::hub_did_from_state(&cfg) {
+                Ok(d) => d,
+                Err(_) => match didhub::app::load_or_create_identity(&cfg) {
+                    Ok((id, _)) => id.did,
+                    Err(e) => return fail(e),
+                },
+            };
+            println!("{did}");
+            if doc {
+                match didhub::did::resolve_local(&did) {
+                    Ok(d) => println!(
+                        "{}",
+                        serde_json::to_string_pretty(&d).unwrap_or_else(|e| e.to_string())
+                    ),
+                    Err(e) => return fail(e),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Run => {
+            let cfg = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_tracing(Some(&cfg));
+            let shutdown = CancellationToken::new();
+            tokio::spawn(signals(shutdown.clone()));
+            let stats = Arc::new(didhub::pipeline::Stats::default());
+            match didhub::app::run(cfg, shutdown, stats).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e @ didhub::app::RunError::Config(_)) => {
+                    tracing::error!("{e}");
+                    ExitCode::from(EX_CONFIG as u8)
+                }
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Send {
+            identity,
+            payload,
+            to,
+            broker,
+            mode,
+            topic,
+            count,
+            rate,
+            qos,
+            seq_field,
+        } => {
+            let device = match didhub::did::Identity::load(&identity) {
+                Ok(d) => d,
+                Err(e) => return fail(format!("{}: {e}", identity.display())),
+            };
+            let payload: serde_json::Value = match serde_json::from_str(&payload) {
+                Ok(v) => v,
+                Err(e) => return fail(format!("--payload is not JSON: {e}")),
+            };
+            // hub.toml supplies defaults; it is optional when --to and --broker are given.
+            let cfg = if to.is_some() && broker.is_some() && topic.is_some() {
+                None
+            } else {
+                match load(&cli.config) {
+                    Ok(c) => Some(c),
+                    Err(code) => return code,
+                }
+            };
+            let to = match to.map(Ok).unwrap_or_else(|| {
+                didhub::cli::hub_did_from_state(cfg.as_ref().expect("loaded above"))
+            }) {
+                Ok(t) => t,
+                Err(e) => return fail(e),
+            };
+            let broker = broker
+                .unwrap_or_else(|| cfg.as_ref().map(|c| c.mqtt.url.clone()).unwrap_or_default());
+            let topic = topic.unwrap_or_else(|| {
+                didhub::cli::default_topic(cfg.as_ref().expect("loaded above"), &device.did)
+            });
+            if qos > 1 {
+                return fail("--qos must be 0 or 1");
+            }
+            if rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
+                return fail("--rate must be a positive number of posts per second");
+            }
+            let plan = didhub::cli::SendPlan {
+                device,
+                to,
+                broker,
+                topic: topic.clone(),
+                payload,
+                mode,
+                count,
+                rate,
+                qos,
+                seq_field,
+                progress: count > 1,
+            };
+            match didhub::cli::send(plan).await {
+                Ok(s) => {
+                    if count > 1 {
+                        let secs = s.elapsed.as_secs_f64().max(1e-9);
+                        eprintln!(
+                            "sent {} {} posts to {topic} in {:.2} s ({:.0} posts/s); broker acknowledged {}",
+                            s.sent,
+                            mode.as_str(),
+                            secs,
+                            s.sent as f64 / secs,
+                            s.acked
+                        );
+                    }
+                    if qos == 1 && s.acked < s.sent {
+                        return fail(format!(
+                            "only {} of {} posts were acknowledged by the broker within 60 s",
+                            s.acked, s.sent
+                        ));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Query {
+            measurement,
+            since,
+            format,
+            limit,
+            dead_letters,
+        } => {
+            let cfg = match load(&cli.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if dead_letters {
+                let c = match didhub::cli::open_for_query(&cfg.db_path()) {
+                    Ok(c) => c,
+                    Err(e) => return fail(e),
+                };
+                match didhub::store::dead_letters(&c) {
+                    Ok(rows) => {
+                        for (line, reason, _) in &rows {
+                            println!("{reason}\t{line}");
+                        }
+                        eprintln!("{} dead letter(s)", rows.len());
+                        return ExitCode::SUCCESS;
+                    }
+                    Err(e) => return fail(e),
+                }
+            }
+            if cfg.store.kind == didhub::config::StoreKind::Influxdb {
+                eprintln!(
+                    "note: store.kind = \"influxdb\": points are in InfluxDB (query them there); showing the embedded store only"
+                );
+            }
+            match didhub::cli::query(&cfg.db_path(), measurement.as_deref(), since, limit) {
+                Ok(points) => {
+                    print!("{}", didhub::cli::render(&points, format));
+                    if format == didhub::cli::Format::Table {
+                        eprintln!("{} point(s)", points.len());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("stop requested; a second signal exits at once");
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    // Committed rows are durable (SQLite, synchronous=FULL); unacked messages are redelivered.
+    tracing::warn!("second stop signal: exiting now");
+    std::process::exit(130);
+}

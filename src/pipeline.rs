@@ -1,0 +1,773 @@
+//! The stages between MQTT ingest and the MQTT ack:
+//!
+//! ```text
+//! ingest ──(bounded, blocks)──▶ verify workers (threads, one per core)
+//!        ──(bounded, blocks)──▶ committer (one SQLite transaction per batch)
+//!        ──(bounded, blocks)──▶ acker (reports out, then acks in receive order)
+//! ```
+//!
+//! Every edge blocks when full, so a slow store slows ingest (the broker holds the backlog)
+//! instead of losing anything.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, Device, Route, Senders};
+use crate::mapping::{map_payload, MapInput, MapLimits, TopicPattern};
+use crate::store::{self, Commit, CommitResult, Sink};
+use crate::verify::{Code, Rejection, Verdict, Verifier};
+
+/// One message from the broker.
+#[derive(Debug)]
+pub struct Inbound {
+    /// Receive order; acks are sent in this order.
+    pub seq: u64,
+    /// The topic it arrived on.
+    pub topic: String,
+    /// The raw bytes (untrusted).
+    pub payload: Bytes,
+    /// The MQTT 5 Response Topic, if any.
+    pub response_topic: Option<String>,
+    /// What to acknowledge once the message is settled (QoS 1).
+    pub ack: Option<rumqttc::Publish>,
+    /// Hub receive time, ns since the epoch.
+    pub received_ns: i64,
+}
+
+/// A report to publish.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Topic.
+    pub topic: String,
+    /// Packed DIDComm message.
+    pub body: String,
+}
+
+/// A settled message on its way to the acker.
+#[derive(Debug)]
+pub struct Settled {
+    /// Receive order.
+    pub seq: u64,
+    /// The publish to acknowledge.
+    pub ack: Option<rumqttc::Publish>,
+    /// A report to send first.
+    pub report: Option<Report>,
+}
+
+/// Hub counters (bounded labels only).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Messages received from the broker.
+    pub received: AtomicU64,
+    /// Messages whose points were committed.
+    pub accepted: AtomicU64,
+    /// Points committed.
+    pub points: AtomicU64,
+    /// Redeliveries acked and dropped.
+    pub duplicates: AtomicU64,
+    /// Rejections by code (index of `Code::ALL`).
+    pub rejected: [AtomicU64; 9],
+    /// Problem reports published.
+    pub reports_sent: AtomicU64,
+    /// Problem reports not sent (rate limit or full queue).
+    pub reports_suppressed: AtomicU64,
+    /// Reports sent to the hub and messages on its own report topics.
+    pub ignored: AtomicU64,
+    /// Messages acknowledged.
+    pub acked: AtomicU64,
+    /// Commit batches.
+    pub batches: AtomicU64,
+}
+
+impl Stats {
+    /// Counts a rejection.
+    pub fn reject(&self, code: Code) {
+        if let Some(i) = Code::ALL.iter().position(|c| *c == code) {
+            self.rejected[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Rejections of `code` so far.
+    pub fn rejected_of(&self, code: Code) -> u64 {
+        Code::ALL
+            .iter()
+            .position(|c| *c == code)
+            .map(|i| self.rejected[i].load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// A one-line summary for logs.
+    pub fn summary(&self) -> String {
+        let rejected: u64 = self
+            .rejected
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .sum();
+        format!(
+            "received={} accepted={} points={} duplicates={} rejected={} reports_sent={} reports_suppressed={} ignored={}",
+            self.received.load(Ordering::Relaxed),
+            self.accepted.load(Ordering::Relaxed),
+            self.points.load(Ordering::Relaxed),
+            self.duplicates.load(Ordering::Relaxed),
+            rejected,
+            self.reports_sent.load(Ordering::Relaxed),
+            self.reports_suppressed.load(Ordering::Relaxed),
+            self.ignored.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A token bucket.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Report rate limits: per sender (or topic when the sender is unknown) and global.
+#[derive(Debug)]
+pub struct RateLimiter {
+    per_key_rate: f64,
+    per_key_burst: f64,
+    global_rate: f64,
+    global_burst: f64,
+    state: Mutex<(Bucket, HashMap<String, Bucket>)>,
+}
+
+const MAX_BUCKETS: usize = 10_000;
+
+impl RateLimiter {
+    /// A limiter with the given rates (per second) and bursts.
+    pub fn new(per_key_rate: f64, per_key_burst: f64, global_rate: f64, global_burst: f64) -> Self {
+        let now = Instant::now();
+        RateLimiter {
+            per_key_rate,
+            per_key_burst,
+            global_rate,
+            global_burst,
+            state: Mutex::new((
+                Bucket {
+                    tokens: global_burst,
+                    at: now,
+                },
+                HashMap::new(),
+            )),
+        }
+    }
+
+    fn take(b: &mut Bucket, rate: f64, burst: f64, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(b.at).as_secs_f64();
+        b.tokens = (b.tokens + dt * rate).min(burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether a report for `key` may be sent now.
+    pub fn allow(&self, key: &str, now: Instant) -> bool {
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (global, per) = &mut *guard;
+        if per.len() >= MAX_BUCKETS && !per.contains_key(key) {
+            // Forget full buckets: they behave exactly like new ones.
+            let (rate, burst) = (self.per_key_rate, self.per_key_burst);
+            per.retain(|_, b| {
+                let dt = now.saturating_duration_since(b.at).as_secs_f64();
+                b.tokens + dt * rate < burst
+            });
+            if per.len() >= MAX_BUCKETS {
+                return false;
+            }
+        }
+        let b = per.entry(key.to_string()).or_insert(Bucket {
+            tokens: self.per_key_burst,
+            at: now,
+        });
+        let mut trial = *b;
+        if !Self::take(&mut trial, self.per_key_rate, self.per_key_burst, now) {
+            *b = trial;
+            return false;
+        }
+        if !Self::take(global, self.global_rate, self.global_burst, now) {
+            return false;
+        }
+        *b = trial;
+        true
+    }
+}
+
+/// A compiled route.
+#[derive(Debug)]
+pub struct CompiledRoute {
+    /// Its config.
+    pub route: Route,
+    /// Its name for logs.
+    pub name: String,
+    /// Topic tag pattern.
+    pub pattern: Option<TopicPattern>,
+}
+
+/// Routes, the registry and the report topic templates: what the workers consult.
+#[derive(Debug)]
+pub struct Routing {
+    routes: Vec<CompiledRoute>,
+    devices: HashMap<String, Device>,
+}
+
+impl Routing {
+    /// Compiles the config's routes and registry.
+    pub fn new(cfg: &Config) -> Routing {
+        let routes = cfg
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| CompiledRoute {
+                route: r.clone(),
+                name: r.display_name(i),
+                pattern: r
+                    .topic_tags
+                    .as_deref()
+                    .and_then(|p| TopicPattern::parse(p).ok()),
+            })
+            .collect();
+        let devices = cfg
+            .devices
+            .iter()
+            .map(|d| (d.did.clone(), d.clone()))
+            .collect();
+        Routing { routes, devices }
+    }
+
+    /// The first route whose filters match `topic`.
+    pub fn route_for(&self, topic: &str) -> Option<&CompiledRoute> {
+        self.routes.iter().find(|r| {
+            r.route
+                .topics
+                .iter()
+                .any(|f| crate::config::topic_matches(f, topic))
+        })
+    }
+
+    /// Whether `topic` is one of the hub's own report topics.
+    pub fn is_report_topic(&self, topic: &str) -> bool {
+        self.routes
+            .iter()
+            .any(|r| template_matches(&r.route.report_topic, topic))
+    }
+
+    /// All subscriptions (filter, qos).
+    pub fn subscriptions(&self) -> Vec<(String, u8)> {
+        let mut out: Vec<(String, u8)> = Vec::new();
+        for r in &self.routes {
+            for t in &r.route.topics {
+                if !out.iter().any(|(f, _)| f == t) {
+                    out.push((t.clone(), r.route.qos));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Whether a topic could have been produced by a report-topic template (`{topic}` matches one
+/// or more characters, `{did}` one or more characters without `/`).
+pub fn template_matches(template: &str, topic: &str) -> bool {
+    enum Piece<'a> {
+        Lit(&'a str),
+        Any,
+        Level,
+    }
+    let mut pieces = Vec::new();
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        let (lit, after) = rest.split_at(start);
+        if !lit.is_empty() {
+            pieces.push(Piece::Lit(lit));
+        }
+        if let Some(a) = after.strip_prefix("{topic}") {
+            pieces.push(Piece::Any);
+            rest = a;
+        } else if let Some(a) = after.strip_prefix("{did}") {
+            pieces.push(Piece::Level);
+            rest = a;
+        } else {
+            pieces.push(Piece::Lit("{"));
+            rest = &after[1..];
+        }
+    }
+    if !rest.is_empty() {
+        pieces.push(Piece::Lit(rest));
+    }
+    fn go(pieces: &[Piece<'_>], s: &str) -> bool {
+        match pieces.split_first() {
+            None => s.is_empty(),
+            Some((Piece::Lit(l), more)) => s.strip_prefix(l).is_some_and(|r| go(more, r)),
+            Some((Piece::Any, more)) => (1..=s.len())
+                .filter(|i| s.is_char_boundary(*i))
+                .any(|i| go(more, &s[i..])),
+            Some((Piece::Level, more)) => {
+                let max = s.find('/').unwrap_or(s.len());
+                (1..=max)
+                    .filter(|i| s.is_char_boundary(*i))
+                    .any(|i| go(more, &s[i..]))
+            }
+        }
+    }
+    go(&pieces, topic)
+}
+
+/// Fills a report topic template.
+pub fn fill_template(template: &str, topic: &str, did: Option<&str>) -> String {
+    template
+        .replace("{topic}", topic)
+        .replace("{did}", did.unwrap_or("anonymous"))
+}
+
+/// Everything a worker needs.
+pub struct Shared {
+    /// The façade.
+    pub verifier: Verifier,
+    /// Routes and registry.
+    pub routing: Routing,
+    /// Report limits.
+    pub limiter: RateLimiter,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Mapper limits.
+    pub map_limits: MapLimits,
+    /// Reports on?
+    pub reports_enabled: bool,
+    /// Report unparseable input?
+    pub report_unparseable: bool,
+    /// `escalate_to` for reports.
+    pub escalate_to: Option<String>,
+}
+
+/// What a worker hands the committer.
+#[derive(Debug)]
+pub enum Work {
+    /// Points to commit.
+    Store {
+        /// Receive order.
+        seq: u64,
+        /// Ack handle.
+        ack: Option<rumqttc::Publish>,
+        /// The commit.
+        commit: Commit,
+        /// For a report if the commit finds a replay.
+        rejection_if_replay: Rejection,
+        /// Where that report would go.
+        report_topic: String,
+    },
+    /// Nothing to commit; settle at once.
+    Done(Settled),
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Shared {
+    /// Verifies and maps one message (runs on a worker thread).
+    pub fn process(&self, m: Inbound) -> Work {
+        let span = tracing::debug_span!("msg", seq = m.seq, topic = %m.topic);
+        let _g = span.enter();
+        if self.routing.is_report_topic(&m.topic) {
+            self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("ignored: the hub's own report topic");
+            return Work::Done(Settled {
+                seq: m.seq,
+                ack: m.ack,
+                report: None,
+            });
+        }
+        let Some(route) = self.routing.route_for(&m.topic) else {
+            self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("ignored: no route matches");
+            return Work::Done(Settled {
+                seq: m.seq,
+                ack: m.ack,
+                report: None,
+            });
+        };
+        let verdict = futures::executor::block_on(self.verifier.verify(
+            &m.payload,
+            route.route.require,
+            now_secs(),
+        ));
+        let report_topic = |sender: Option<&str>| {
+            m.response_topic
+                .clone()
+                .unwrap_or_else(|| fill_template(&route.route.report_topic, &m.topic, sender))
+        };
+        let accepted = match verdict {
+            Verdict::IgnoreReport { id } => {
+                self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(id = ?id, "a problem report was sent to the hub; not answered, not stored");
+                return Work::Done(Settled {
+                    seq: m.seq,
+                    ack: m.ack,
+                    report: None,
+                });
+            }
+            Verdict::Reject(r) => {
+                let topic = report_topic(r.sender.as_deref());
+                let report = self.reject(&r, topic, &route.name);
+                return Work::Done(Settled {
+                    seq: m.seq,
+                    ack: m.ack,
+                    report,
+                });
+            }
+            Verdict::Accept(a) => a,
+        };
+        let device = accepted
+            .sender
+            .as_deref()
+            .and_then(|d| self.routing.devices.get(d));
+        if route.route.senders == Senders::Registry && device.is_none() {
+            let r = Rejection::of_accepted(
+                &accepted,
+                Code::NotAuthorised,
+                vec![
+                    accepted
+                        .sender
+                        .clone()
+                        .unwrap_or_else(|| "an anonymous sender".into()),
+                    m.topic.clone(),
+                ],
+            );
+            let report = self.reject(&r, report_topic(r.sender.as_deref()), &route.name);
+            return Work::Done(Settled {
+                seq: m.seq,
+                ack: m.ack,
+                report,
+            });
+        }
+        let mut tags: Vec<(String, String)> = Vec::new();
+        if let Some(p) = &route.pattern {
+            if let Some(t) = p.tags(&m.topic) {
+                tags.extend(t);
+            }
+        }
+        if let Some(d) = device {
+            if let Some(n) = &d.name {
+                tags.push(("device_name".into(), n.clone()));
+            }
+            tags.extend(d.tags.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        let input = MapInput {
+            measurement: &route.route.measurement,
+            did: accepted.sender.as_deref(),
+            thid: &accepted.thid,
+            extra_tags: &tags,
+            timestamp_path: route.route.timestamp.as_deref(),
+            timestamp_format: route.route.timestamp_format,
+            received_ns: m.received_ns,
+            limits: self.map_limits,
+        };
+        match map_payload(&accepted.payload, &input) {
+            Err(e) => {
+                let r = Rejection::of_accepted(&accepted, Code::RejectPost, vec![e.to_string()]);
+                let report = self.reject(&r, report_topic(r.sender.as_deref()), &route.name);
+                Work::Done(Settled {
+                    seq: m.seq,
+                    ack: m.ack,
+                    report,
+                })
+            }
+            Ok(point) => {
+                let hash: [u8; 32] = Sha256::digest(&m.payload).into();
+                let rejection_if_replay = Rejection::of_accepted(
+                    &accepted,
+                    Code::RejectPost,
+                    vec![format!(
+                        "message id {} was already used for a different message",
+                        accepted.id
+                    )],
+                );
+                Work::Store {
+                    seq: m.seq,
+                    ack: m.ack,
+                    report_topic: report_topic(accepted.sender.as_deref()),
+                    commit: Commit {
+                        sender: accepted.sender.clone().unwrap_or_default(),
+                        msg_id: accepted.id.clone(),
+                        hash,
+                        received_ns: m.received_ns,
+                        points: vec![point],
+                    },
+                    rejection_if_replay,
+                }
+            }
+        }
+    }
+
+    /// Counts and logs a rejection and packs its report, if allowed.
+    pub fn reject(&self, r: &Rejection, topic: String, route: &str) -> Option<Report> {
+        self.stats.reject(r.code);
+        tracing::debug!(
+            code = r.code.as_str(),
+            id = ?r.id,
+            sender = ?r.sender,
+            route,
+            reason = %r.comment(),
+            "rejected"
+        );
+        if !self.reports_enabled || (r.id.is_none() && !self.report_unparseable) {
+            return None;
+        }
+        let key = r.sender.clone().unwrap_or_else(|| format!("topic:{topic}"));
+        if !self.limiter.allow(&key, Instant::now()) {
+            self.stats
+                .reports_suppressed
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        match futures::executor::block_on(self.verifier.pack_report(
+            r,
+            self.escalate_to.as_deref(),
+            now_secs(),
+        )) {
+            Ok(body) => Some(Report { topic, body }),
+            Err(e) => {
+                self.stats
+                    .reports_suppressed
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "could not pack a problem report");
+                None
+            }
+        }
+    }
+}
+
+/// Starts `n` verify workers reading `rx` and writing `tx`.
+pub fn spawn_workers(
+    n: usize,
+    shared: Arc<Shared>,
+    rx: flume::Receiver<Inbound>,
+    tx: flume::Sender<Work>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    (0..n)
+        .map(|i| {
+            let (shared, rx, tx) = (shared.clone(), rx.clone(), tx.clone());
+            std::thread::Builder::new()
+                .name(format!("verify-{i}"))
+                .spawn(move || {
+                    for m in rx.iter() {
+                        if tx.send(shared.process(m)).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .expect("spawning a verify thread")
+        })
+        .collect()
+}
+
+/// The committer: group-commits `Work::Store` items and settles everything in batches.
+pub struct Committer {
+    /// The connection.
+    pub conn: rusqlite::Connection,
+    /// Embedded or outbox.
+    pub sink: Sink,
+    /// Largest batch.
+    pub max_batch: usize,
+    /// Replay window in ns.
+    pub replay_window_ns: i64,
+    /// Shared state for reports and counters.
+    pub shared: Arc<Shared>,
+    /// Woken after each commit that added outbox rows.
+    pub outbox_notify: Option<Arc<tokio::sync::Notify>>,
+}
+
+impl Committer {
+    /// Runs until `rx` closes; returns the first fatal store error.
+    pub fn run(
+        mut self,
+        rx: flume::Receiver<Work>,
+        tx: flume::Sender<Settled>,
+    ) -> Result<(), store::StoreError> {
+        let mut last_expiry = Instant::now();
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(w) => batch.push(w),
+                    Err(_) => break,
+                }
+            }
+            let commits: Vec<&Commit> = batch
+                .iter()
+                .filter_map(|w| match w {
+                    Work::Store { commit, .. } => Some(commit),
+                    Work::Done(_) => None,
+                })
+                .collect();
+            let results = if commits.is_empty() {
+                Vec::new()
+            } else {
+                // A commit failure (disk full, I/O error) is retried: nothing is acked meanwhile.
+                let mut attempt = 0u32;
+                loop {
+                    match store::commit_batch(&mut self.conn, self.sink, &commits) {
+                        Ok(r) => break r,
+                        Err(e) => {
+                            attempt += 1;
+                            tracing::error!(error = %e, attempt, "commit failed; retrying (nothing is acknowledged until it succeeds)");
+                            std::thread::sleep(std::time::Duration::from_millis(
+                                (100u64 << attempt.min(6)).min(5000),
+                            ));
+                        }
+                    }
+                }
+            };
+            let stats = &self.shared.stats;
+            if !commits.is_empty() {
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut results = results.into_iter();
+            let mut stored_any = false;
+            for w in batch {
+                let settled = match w {
+                    Work::Done(s) => s,
+                    Work::Store {
+                        seq,
+                        ack,
+                        commit,
+                        rejection_if_replay,
+                        report_topic,
+                    } => {
+                        let report = match results.next() {
+                            Some(CommitResult::Stored) => {
+                                stored_any = true;
+                                stats.accepted.fetch_add(1, Ordering::Relaxed);
+                                stats
+                                    .points
+                                    .fetch_add(commit.points.len() as u64, Ordering::Relaxed);
+                                None
+                            }
+                            Some(CommitResult::Duplicate) => {
+                                stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                                tracing::debug!(id = %commit.msg_id, "redelivery: acked and dropped");
+                                None
+                            }
+                            Some(CommitResult::ReplayMismatch) | None => {
+                                self.shared
+                                    .reject(&rejection_if_replay, report_topic, "store")
+                            }
+                        };
+                        Settled { seq, ack, report }
+                    }
+                };
+                if tx.send(settled).is_err() {
+                    return Ok(());
+                }
+            }
+            if stored_any {
+                if let Some(n) = &self.outbox_notify {
+                    n.notify_one();
+                }
+            }
+            if last_expiry.elapsed() > std::time::Duration::from_secs(60) {
+                last_expiry = Instant::now();
+                let cutoff = crate::now_ns() - self.replay_window_ns;
+                if let Err(e) = store::expire_seen(&self.conn, cutoff) {
+                    tracing::warn!(error = %e, "could not expire the replay window");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Releases settled messages in receive order.
+#[derive(Debug, Default)]
+pub struct Reorder {
+    next: u64,
+    pending: BTreeMap<u64, Settled>,
+}
+
+impl Reorder {
+    /// Starts at sequence `first`.
+    pub fn new(first: u64) -> Self {
+        Reorder {
+            next: first,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Adds one; returns those now releasable, in order.
+    pub fn push(&mut self, s: Settled) -> Vec<Settled> {
+        self.pending.insert(s.seq, s);
+        let mut out = Vec::new();
+        while let Some(s) = self.pending.remove(&self.next) {
+            out.push(s);
+            self.next += 1;
+        }
+        out
+    }
+
+    /// Whatever is still held (at shutdown), in order.
+    pub fn drain(&mut self) -> Vec<Settled> {
+        std::mem::take(&mut self.pending).into_values().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_templates_match_their_own_topics() {
+        let t = "{topic}/problem-report";
+        assert!(template_matches(t, "devices/d1/telemetry/problem-report"));
+        assert!(!template_matches(t, "devices/d1/telemetry"));
+        assert!(!template_matches(t, "/problem-report"));
+        let t = "reports/{did}";
+        assert!(template_matches(t, "reports/did:key:z6Mk"));
+        assert!(!template_matches(t, "reports/a/b"));
+        assert_eq!(
+            fill_template("{topic}/pr/{did}", "a/b", Some("did:x")),
+            "a/b/pr/did:x"
+        );
+    }
+
+    #[test]
+    fn rate_limiter_limits_per_key_and_globally() {
+        let l = RateLimiter::new(1.0, 3.0, 100.0, 5.0);
+        let now = Instant::now();
+        let a: usize = (0..10).filter(|_| l.allow("a", now)).count();
+        assert_eq!(a, 3);
+        let b: usize = (0..10).filter(|_| l.allow("b", now)).count();
+        assert_eq!(b, 2, "global burst of 5 is spent");
+        let later = now + std::time::Duration::from_secs(2);
+        assert!(l.allow("a", later));
+    }
+
+    #[test]
+    fn reorder_releases_in_sequence() {
+        let s = |seq| Settled {
+            seq,
+            ack: None,
+            report: None,
+        };
+        let mut r = Reorder::new(0);
+        assert!(r.push(s(1)).is_empty());
+        assert!(r.push(s(2)).is_empty());
+        let out: Vec<u64> = r.push(s(0)).iter().map(|s| s.seq).collect();
+        assert_eq!(out, vec![0, 1, 2]);
+        assert_eq!(r.push(s(3)).len(), 1);
+    }
+}

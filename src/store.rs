@@ -1,0 +1,312 @@
+//! The local durable store: SQLite (WAL) with group commit.
+//!
+//! One transaction per batch of messages writes their points (the `points` table in embedded
+//! mode, the `outbox` in InfluxDB mode) and their replay-window entries, so a message is either
+//! fully committed with its id recorded, or not at all. Only after the commit are the messages
+//! acknowledged to the broker.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::mapping::Point;
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A row could not be (de)serialised.
+    #[error("row encoding: {0}")]
+    Encoding(#[from] serde_json::Error),
+}
+
+/// Where committed points go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sink {
+    /// The `points` table is the store.
+    Embedded,
+    /// The `outbox` table feeds the shipper.
+    Outbox,
+}
+
+/// One message to commit.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    /// Replay key: the verified sender DID, or "" when anonymous.
+    pub sender: String,
+    /// The message id.
+    pub msg_id: String,
+    /// SHA-256 of the raw message bytes.
+    pub hash: [u8; 32],
+    /// Receive time (ns), kept with the row.
+    pub received_ns: i64,
+    /// The points.
+    pub points: Vec<Point>,
+}
+
+/// What happened to one message in a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitResult {
+    /// New: its points are committed.
+    Stored,
+    /// Same sender, id and bytes as a committed message: a redelivery.
+    Duplicate,
+    /// Same sender and id, different bytes: a replay.
+    ReplayMismatch,
+}
+
+/// Opens (creating) the store.
+pub fn open(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS seen (
+             sender TEXT NOT NULL,
+             msg_id TEXT NOT NULL,
+             hash BLOB NOT NULL,
+             received_ns INTEGER NOT NULL,
+             PRIMARY KEY (sender, msg_id)
+         ) WITHOUT ROWID;
+         CREATE INDEX IF NOT EXISTS seen_age ON seen(received_ns);
+         CREATE TABLE IF NOT EXISTS points (
+             seq INTEGER PRIMARY KEY AUTOINCREMENT,
+             measurement TEXT NOT NULL,
+             ts_ns INTEGER NOT NULL,
+             tags TEXT NOT NULL,
+             fields TEXT NOT NULL,
+             msg_id TEXT NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS points_m_ts ON points(measurement, ts_ns);
+         CREATE TABLE IF NOT EXISTS outbox (
+             seq INTEGER PRIMARY KEY AUTOINCREMENT,
+             line TEXT NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS dead_letters (
+             seq INTEGER PRIMARY KEY AUTOINCREMENT,
+             line TEXT NOT NULL,
+             reason TEXT NOT NULL,
+             at_ns INTEGER NOT NULL
+         );",
+    )?;
+    Ok(conn)
+}
+
+/// Commits a batch in one transaction; returns one result per message, in order.
+pub fn commit_batch(
+    conn: &mut Connection,
+    sink: Sink,
+    batch: &[&Commit],
+) -> Result<Vec<CommitResult>, StoreError> {
+    let tx = conn.transaction()?;
+    let mut results = Vec::with_capacity(batch.len());
+    {
+        let mut seen = tx.prepare_cached(
+            "INSERT INTO seen (sender, msg_id, hash, received_ns) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT DO NOTHING",
+        )?;
+        let mut seen_hash =
+            tx.prepare_cached("SELECT hash FROM seen WHERE sender = ?1 AND msg_id = ?2")?;
+        let mut point = tx.prepare_cached(
+            "INSERT INTO points (measurement, ts_ns, tags, fields, msg_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut outbox = tx.prepare_cached("INSERT INTO outbox (line) VALUES (?1)")?;
+        for c in batch {
+            let inserted = seen.execute(params![c.sender, c.msg_id, &c.hash[..], c.received_ns])?;
+            if inserted == 0 {
+                let prev: Option<Vec<u8>> = seen_hash
+                    .query_row(params![c.sender, c.msg_id], |r| r.get(0))
+                    .optional()?;
+                results.push(if prev.as_deref() == Some(&c.hash[..]) {
+                    CommitResult::Duplicate
+                } else {
+                    CommitResult::ReplayMismatch
+                });
+                continue;
+            }
+            for p in &c.points {
+                match sink {
+                    Sink::Embedded => {
+                        point.execute(params![
+                            p.measurement,
+                            p.timestamp_ns,
+                            serde_json::to_string(&p.tags)?,
+                            serde_json::to_string(&p.fields)?,
+                            c.msg_id,
+                        ])?;
+                    }
+                    Sink::Outbox => {
+                        outbox.execute(params![p.to_line()])?;
+                    }
+                }
+            }
+            results.push(CommitResult::Stored);
+        }
+    }
+    tx.commit()?;
+    Ok(results)
+}
+
+/// Forgets replay-window entries received before `cutoff_ns`.
+pub fn expire_seen(conn: &Connection, cutoff_ns: i64) -> Result<usize, StoreError> {
+    Ok(conn.execute(
+        "DELETE FROM seen WHERE received_ns < ?1",
+        params![cutoff_ns],
+    )?)
+}
+
+/// Up to `limit` outbox rows, oldest first.
+pub fn outbox_batch(conn: &Connection, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
+    let mut st = conn.prepare_cached("SELECT seq, line FROM outbox ORDER BY seq LIMIT ?1")?;
+    let rows = st
+        .query_map(params![limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Deletes outbox rows up to and including `last_seq` among `seqs` (after the store accepted them).
+pub fn outbox_delete(conn: &mut Connection, seqs: &[i64]) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    {
+        let mut st = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+        for s in seqs {
+            st.execute(params![s])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Moves outbox rows the store refused for good to `dead_letters`, with its reason.
+pub fn outbox_dead_letter(
+    conn: &mut Connection,
+    rows: &[(i64, String)],
+    reason: &str,
+    now_ns: i64,
+) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    {
+        let mut ins = tx
+            .prepare_cached("INSERT INTO dead_letters (line, reason, at_ns) VALUES (?1, ?2, ?3)")?;
+        let mut del = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+        for (seq, line) in rows {
+            ins.execute(params![line, reason, now_ns])?;
+            del.execute(params![seq])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Number of rows waiting in the outbox.
+pub fn outbox_len(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?)
+}
+
+/// A stored point read back.
+pub fn query_points(
+    conn: &Connection,
+    measurement: Option<&str>,
+    since_ns: i64,
+    limit: usize,
+) -> Result<Vec<Point>, StoreError> {
+    let mut st = conn.prepare(
+        "SELECT measurement, ts_ns, tags, fields FROM points
+         WHERE (?1 IS NULL OR measurement = ?1) AND ts_ns >= ?2
+         ORDER BY ts_ns, seq LIMIT ?3",
+    )?;
+    let rows = st.query_map(params![measurement, since_ns, limit as i64], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (measurement, ts, tags, fields) = row?;
+        out.push(Point {
+            measurement,
+            tags: serde_json::from_str(&tags)?,
+            fields: serde_json::from_str(&fields)?,
+            timestamp_ns: ts,
+        });
+    }
+    Ok(out)
+}
+
+/// Dead letters: (line, reason, at_ns).
+pub fn dead_letters(conn: &Connection) -> Result<Vec<(String, String, i64)>, StoreError> {
+    let mut st = conn.prepare("SELECT line, reason, at_ns FROM dead_letters ORDER BY seq")?;
+    let rows = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapping::FieldValue;
+
+    fn commit(id: &str, hash: u8) -> Commit {
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert("v".to_string(), FieldValue::Float(1.0));
+        Commit {
+            sender: "did:key:z1".into(),
+            msg_id: id.into(),
+            hash: [hash; 32],
+            received_ns: 10,
+            points: vec![Point {
+                measurement: "m".into(),
+                tags: Default::default(),
+                fields,
+                timestamp_ns: 10,
+            }],
+        }
+    }
+
+    #[test]
+    fn duplicates_and_replays_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(&dir.path().join("t.db")).unwrap();
+        let (a, b, a2, a3) = (
+            commit("a", 1),
+            commit("b", 1),
+            commit("a", 1),
+            commit("a", 2),
+        );
+        let r = commit_batch(&mut c, Sink::Embedded, &[&a, &b, &a2]).unwrap();
+        assert_eq!(
+            r,
+            vec![
+                CommitResult::Stored,
+                CommitResult::Stored,
+                CommitResult::Duplicate
+            ]
+        );
+        let r = commit_batch(&mut c, Sink::Embedded, &[&a3]).unwrap();
+        assert_eq!(r, vec![CommitResult::ReplayMismatch]);
+        assert_eq!(query_points(&c, Some("m"), 0, 100).unwrap().len(), 2);
+        assert_eq!(expire_seen(&c, 11).unwrap(), 2);
+    }
+
+    #[test]
+    fn outbox_rows_leave_only_when_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(&dir.path().join("t.db")).unwrap();
+        commit_batch(&mut c, Sink::Outbox, &[&commit("a", 1), &commit("b", 1)]).unwrap();
+        let rows = outbox_batch(&c, 10).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].1, "m v=1.0 10");
+        outbox_delete(&mut c, &[rows[0].0]).unwrap();
+        outbox_dead_letter(&mut c, &rows[1..], "400: bad", 1).unwrap();
+        assert_eq!(outbox_len(&c).unwrap(), 0);
+        assert_eq!(dead_letters(&c).unwrap()[0].1, "400: bad");
+    }
+}

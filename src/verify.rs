@@ -1,0 +1,934 @@
+//! The DIDComm façade: the only module that touches the `didcomm` crate.
+//!
+//! `Message::unpack` accepts plaintext, does not bind `from` to the signer or `skid`, and ignores
+//! `to`, `created_time` and `expires_time`. This façade owns the whole trust policy
+//! (PROTOCOL.md): envelope kind vs the route's `require`, sender binding, recipients, time, type
+//! and body; it also packs problem reports and, for the `send` command, posts.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use didcomm::error::ErrorKind;
+use didcomm::{Message, PackEncryptedOptions, UnpackOptions};
+use serde_json::{json, Value};
+
+use crate::config::Require;
+use crate::did::{Identity, LocalResolver, StaticSecrets};
+
+/// The IOTA post message type.
+pub const POST_TYPE: &str = "iota/post/0.1/post";
+/// The DIDComm problem-report type.
+pub const REPORT_TYPE: &str = "https://didcomm.org/report-problem/2.0/problem-report";
+
+/// A problem-report code (PROTOCOL.md table). Also a bounded metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Code {
+    /// Not JSON, not an envelope, required member missing or mistyped.
+    InvalidMessage,
+    /// `type` is not a post.
+    UnsupportedMessage,
+    /// Authentication required (or the sender DID cannot be resolved).
+    NotAuthenticated,
+    /// Signature required.
+    NotSigned,
+    /// Authcrypt required.
+    NotSenderAuthenticated,
+    /// Signature or decryption failed, or `from` does not match the key.
+    Crypto,
+    /// Verified sender not allowed on this route.
+    NotAuthorised,
+    /// Expired or created too far in the future.
+    ReqTime,
+    /// Anything else the hub will not store.
+    RejectPost,
+}
+
+impl Code {
+    /// Every code, for metrics and docs.
+    pub const ALL: [Code; 9] = [
+        Code::InvalidMessage,
+        Code::UnsupportedMessage,
+        Code::NotAuthenticated,
+        Code::NotSigned,
+        Code::NotSenderAuthenticated,
+        Code::Crypto,
+        Code::NotAuthorised,
+        Code::ReqTime,
+        Code::RejectPost,
+    ];
+
+    /// The code string of the report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::InvalidMessage => "e.p.msg.invalid-message",
+            Code::UnsupportedMessage => "e.p.msg.unsupported-message",
+            Code::NotAuthenticated => "e.p.msg.trust.not-authenticated",
+            Code::NotSigned => "e.p.msg.trust.not-signed",
+            Code::NotSenderAuthenticated => "e.p.msg.trust.not-sender-authenticated",
+            Code::Crypto => "e.p.msg.trust.crypto",
+            Code::NotAuthorised => "e.p.msg.trust.not-authorised",
+            Code::ReqTime => "e.p.req.time",
+            Code::RejectPost => "e.p.msg.iota.post.reject-post",
+        }
+    }
+
+    /// The fixed comment of the code; `{1}`, `{2}` are filled from `args`.
+    pub fn comment(self) -> &'static str {
+        match self {
+            Code::InvalidMessage => "The message is malformed: {1}.",
+            Code::UnsupportedMessage => {
+                "Message type {1} is not supported here; send iota/post/0.1/post."
+            }
+            Code::NotAuthenticated => "The sender must be authenticated: {1}.",
+            Code::NotSigned => "This topic requires a message signed by its sender: {1}.",
+            Code::NotSenderAuthenticated => {
+                "This topic requires sender-authenticated encryption (authcrypt): {1}."
+            }
+            Code::Crypto => "Cryptographic verification failed: {1}.",
+            Code::NotAuthorised => "{1} is not allowed to post on {2}.",
+            Code::ReqTime => "The message is outside its validity time: {1}.",
+            Code::RejectPost => "The post was rejected: {1}.",
+        }
+    }
+}
+
+/// What the envelope was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Envelope {
+    /// No protection.
+    Plaintext,
+    /// A JWS.
+    Signed,
+    /// ECDH-1PU authcrypt.
+    Authcrypt,
+    /// ECDH-ES anoncrypt.
+    Anoncrypt,
+    /// Anoncrypt of a signed message.
+    AnoncryptSigned,
+    /// Authcrypt of a signed message.
+    AuthcryptSigned,
+}
+
+impl Envelope {
+    /// The CLI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Envelope::Plaintext => "plaintext",
+            Envelope::Signed => "signed",
+            Envelope::Authcrypt => "authcrypt",
+            Envelope::Anoncrypt => "anoncrypt",
+            Envelope::AnoncryptSigned => "anoncrypt-signed",
+            Envelope::AuthcryptSigned => "authcrypt-signed",
+        }
+    }
+
+    /// Parses the CLI name.
+    pub fn parse(s: &str) -> Option<Envelope> {
+        Some(match s {
+            "plaintext" => Envelope::Plaintext,
+            "signed" => Envelope::Signed,
+            "authcrypt" => Envelope::Authcrypt,
+            "anoncrypt" => Envelope::Anoncrypt,
+            "anoncrypt-signed" => Envelope::AnoncryptSigned,
+            "authcrypt-signed" => Envelope::AuthcryptSigned,
+            _ => return None,
+        })
+    }
+
+    fn signed(self) -> bool {
+        matches!(
+            self,
+            Envelope::Signed | Envelope::AnoncryptSigned | Envelope::AuthcryptSigned
+        )
+    }
+
+    fn authcrypt(self) -> bool {
+        matches!(self, Envelope::Authcrypt | Envelope::AuthcryptSigned)
+    }
+}
+
+/// A message that passed every check.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// Message id.
+    pub id: String,
+    /// Thread id (`thid`, or `id` when absent).
+    pub thid: String,
+    /// The verified sender DID (`None` for plaintext/anoncrypt on an `any` route).
+    pub sender: Option<String>,
+    /// The envelope.
+    pub envelope: Envelope,
+    /// `body.payload`.
+    pub payload: Value,
+}
+
+/// A message the hub will not store, with what a report needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    /// The code.
+    pub code: Code,
+    /// The specifics for the comment placeholders.
+    pub args: Vec<String>,
+    /// The rejected message id, when it could be read.
+    pub id: Option<String>,
+    /// Its thread id, when it could be read.
+    pub thid: Option<String>,
+    /// The sender DID to address the report to (verified, or claimed in `from`).
+    pub sender: Option<String>,
+    /// Whether `sender` was cryptographically verified (the report is then encrypted to it).
+    pub sender_verified: bool,
+}
+
+impl Rejection {
+    fn new(code: Code, reason: impl Into<String>) -> Self {
+        Rejection {
+            code,
+            args: vec![reason.into()],
+            id: None,
+            thid: None,
+            sender: None,
+            sender_verified: false,
+        }
+    }
+
+    fn with_hints(mut self, h: &Hints) -> Self {
+        if self.id.is_none() {
+            self.id = h.id.clone();
+            self.thid = h.thid.clone();
+        }
+        if self.sender.is_none() {
+            self.sender = h.from.clone();
+        }
+        self
+    }
+
+    /// A rejection of an accepted message (route or store decided).
+    pub fn of_accepted(a: &Accepted, code: Code, args: Vec<String>) -> Self {
+        Rejection {
+            code,
+            args,
+            id: Some(a.id.clone()),
+            thid: Some(a.thid.clone()),
+            sender: a.sender.clone(),
+            sender_verified: a.sender.is_some(),
+        }
+    }
+
+    /// The comment with its placeholders filled.
+    pub fn comment(&self) -> String {
+        let mut c = self.code.comment().to_string();
+        for (i, a) in self.args.iter().enumerate() {
+            c = c.replace(&format!("{{{}}}", i + 1), a);
+        }
+        c
+    }
+}
+
+/// The outcome of verification.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// Store it.
+    Accept(Accepted),
+    /// Reject it with a report.
+    Reject(Rejection),
+    /// A problem report sent to the hub: acknowledge, count, log; never answer, never store.
+    IgnoreReport {
+        /// Its id if readable.
+        id: Option<String>,
+    },
+}
+
+/// Facts read from the envelope before any crypto (unverified; used to address reports).
+#[derive(Debug, Default, Clone)]
+struct Hints {
+    id: Option<String>,
+    thid: Option<String>,
+    from: Option<String>,
+    type_: Option<String>,
+}
+
+impl Hints {
+    fn from_plain(v: &Value) -> Hints {
+        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        Hints {
+            id: s("id"),
+            thid: s("thid").or_else(|| s("id")),
+            from: s("from").filter(|f| f.starts_with("did:")),
+            type_: s("type"),
+        }
+    }
+}
+
+/// Limits the verifier enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyLimits {
+    /// Largest message.
+    pub max_message_bytes: usize,
+    /// Allowed clock skew for `created_time`, seconds.
+    pub clock_skew_secs: u64,
+}
+
+/// The verifier: the hub's identity, resolvers and the trust policy.
+pub struct Verifier {
+    hub: Identity,
+    resolver: Arc<LocalResolver>,
+    secrets: StaticSecrets,
+    limits: VerifyLimits,
+}
+
+fn did_of(kid: &str) -> &str {
+    kid.split('#').next().unwrap_or(kid)
+}
+
+fn b64_json(s: &str) -> Option<Value> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s.trim_end_matches('='))
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+impl Verifier {
+    /// A verifier for the hub `hub`.
+    pub fn new(hub: Identity, resolver: Arc<LocalResolver>, limits: VerifyLimits) -> Self {
+        let secrets = StaticSecrets::new(std::slice::from_ref(&hub));
+        Verifier {
+            hub,
+            resolver,
+            secrets,
+            limits,
+        }
+    }
+
+    /// The hub's DID.
+    pub fn hub_did(&self) -> &str {
+        &self.hub.did
+    }
+
+    /// The resolver (for cache statistics).
+    pub fn resolver(&self) -> &LocalResolver {
+        &self.resolver
+    }
+
+    /// Verifies raw bytes from a device against the route's requirement, at `now` (epoch s).
+    pub async fn verify(&self, bytes: &[u8], require: Require, now: u64) -> Verdict {
+        match self.verify_inner(bytes, require, now).await {
+            Ok(v) => v,
+            Err(r) => Verdict::Reject(r),
+        }
+    }
+
+    async fn verify_inner(
+        &self,
+        bytes: &[u8],
+        require: Require,
+        now: u64,
+    ) -> Result<Verdict, Rejection> {
+        if bytes.len() > self.limits.max_message_bytes {
+            return Err(Rejection::new(
+                Code::RejectPost,
+                format!(
+                    "the message has {} bytes, more than the limit of {}",
+                    bytes.len(),
+                    self.limits.max_message_bytes
+                ),
+            ));
+        }
+        let text = std::str::from_utf8(bytes)
+            .map_err(|_| Rejection::new(Code::InvalidMessage, "the message is not UTF-8"))?;
+        let outer: Value = serde_json::from_str(text).map_err(|e| {
+            Rejection::new(
+                Code::InvalidMessage,
+                format!("the message is not JSON ({e})"),
+            )
+        })?;
+        let obj = outer.as_object().ok_or_else(|| {
+            Rejection::new(Code::InvalidMessage, "the message is not a JSON object")
+        })?;
+
+        // Classify the envelope and read what can be read before any crypto.
+        let (kind, hints, claimed_sender) = if obj.contains_key("ciphertext") {
+            let protected = obj
+                .get("protected")
+                .and_then(Value::as_str)
+                .and_then(b64_json)
+                .ok_or_else(|| {
+                    Rejection::new(
+                        Code::InvalidMessage,
+                        "the JWE has no readable `protected` header",
+                    )
+                })?;
+            let alg = protected.get("alg").and_then(Value::as_str).unwrap_or("");
+            if alg.starts_with("ECDH-1PU") {
+                let skid = protected
+                    .get("skid")
+                    .and_then(Value::as_str)
+                    .map(|k| did_of(k).to_string());
+                (Envelope::Authcrypt, Hints::default(), skid)
+            } else if alg.starts_with("ECDH-ES") {
+                (Envelope::Anoncrypt, Hints::default(), None)
+            } else {
+                return Err(Rejection::new(
+                    Code::InvalidMessage,
+                    format!("the JWE key-management algorithm `{alg}` is not supported"),
+                ));
+            }
+        } else if obj.contains_key("signatures") {
+            let inner = obj
+                .get("payload")
+                .and_then(Value::as_str)
+                .and_then(b64_json)
+                .ok_or_else(|| {
+                    Rejection::new(
+                        Code::InvalidMessage,
+                        "the JWS payload is not base64url JSON",
+                    )
+                })?;
+            let kid = obj
+                .get("signatures")
+                .and_then(Value::as_array)
+                .and_then(|a| a.first())
+                .and_then(|s| s.get("header"))
+                .and_then(|h| h.get("kid"))
+                .and_then(Value::as_str)
+                .map(|k| did_of(k).to_string());
+            (Envelope::Signed, Hints::from_plain(&inner), kid)
+        } else {
+            (Envelope::Plaintext, Hints::from_plain(&outer), None)
+        };
+
+        // A problem report to the hub is never answered, whatever is wrong with it.
+        if hints.type_.as_deref() == Some(REPORT_TYPE) {
+            return Ok(Verdict::IgnoreReport { id: hints.id });
+        }
+
+        // Cheap policy checks first: no crypto for what the route refuses anyway.
+        match (require, kind) {
+            (Require::Any, _) => {}
+            (Require::Signed | Require::Authenticated, Envelope::Plaintext) => {
+                let code = if require == Require::Signed {
+                    Code::NotSigned
+                } else {
+                    Code::NotAuthenticated
+                };
+                return Err(Rejection::new(code, "the message is plaintext").with_hints(&hints));
+            }
+            (Require::Authcrypt, Envelope::Plaintext | Envelope::Signed | Envelope::Anoncrypt) => {
+                return Err(Rejection::new(
+                    Code::NotSenderAuthenticated,
+                    format!("the message is {}", kind.as_str()),
+                )
+                .with_hints(&hints));
+            }
+            _ => {}
+        }
+
+        // Resolve the claimed sender first, so an unresolvable DID gets its own code and reason.
+        if let Some(did) = &claimed_sender {
+            if let Err(e) = self.resolver.resolve_checked(did) {
+                let mut r = Rejection::new(
+                    Code::NotAuthenticated,
+                    format!("the sender DID {did} cannot be resolved: {e}"),
+                )
+                .with_hints(&hints);
+                r.sender = None;
+                return Err(r);
+            }
+        }
+
+        let (msg, meta) = Message::unpack(
+            text,
+            &*self.resolver,
+            &self.secrets,
+            &UnpackOptions {
+                expect_decrypt_by_all_keys: false,
+                unwrap_re_wrapping_forward: false,
+            },
+        )
+        .await
+        .map_err(|e| {
+            let detail = e.to_string();
+            let code = match e.kind() {
+                _ if detail.contains("not a valid JWE, JWS or JWM") => Code::InvalidMessage,
+                _ if kind == Envelope::Plaintext => Code::InvalidMessage,
+                ErrorKind::DIDNotResolved | ErrorKind::DIDUrlNotFound => Code::NotAuthenticated,
+                _ => Code::Crypto,
+            };
+            let reason = match (code, kind) {
+                (Code::InvalidMessage, _) => format!("not a DIDComm message ({})", short(&detail)),
+                (Code::NotAuthenticated, _) => {
+                    format!("the sender key cannot be found ({})", short(&detail))
+                }
+                (_, Envelope::Signed) => {
+                    format!("the signature does not verify ({})", short(&detail))
+                }
+                (_, _) => format!(
+                    "the message cannot be decrypted by the hub ({})",
+                    short(&detail)
+                ),
+            };
+            let mut r = Rejection::new(code, reason).with_hints(&hints);
+            if kind == Envelope::Authcrypt {
+                r.sender = claimed_sender.clone();
+            }
+            r
+        })?;
+
+        let signed = meta.non_repudiation;
+        let authcrypt = meta.encrypted_from_kid.is_some();
+        let envelope = match (meta.encrypted, authcrypt, signed) {
+            (false, _, false) => Envelope::Plaintext,
+            (false, _, true) => Envelope::Signed,
+            (true, true, false) => Envelope::Authcrypt,
+            (true, true, true) => Envelope::AuthcryptSigned,
+            (true, false, false) => Envelope::Anoncrypt,
+            (true, false, true) => Envelope::AnoncryptSigned,
+        };
+        let mut hints = Hints {
+            id: Some(msg.id.clone()),
+            thid: Some(msg.thid.clone().unwrap_or_else(|| msg.id.clone())),
+            from: msg.from.clone(),
+            type_: Some(msg.type_.clone()),
+        };
+        if msg.type_ == REPORT_TYPE {
+            return Ok(Verdict::IgnoreReport { id: hints.id });
+        }
+
+        // Sender binding: `from` must be the DID of the signing key and of the authcrypt skid.
+        let mut verified: Option<String> = None;
+        for (what, kid) in [
+            ("signer", meta.sign_from.as_deref().filter(|_| signed)),
+            ("authcrypt sender key", meta.encrypted_from_kid.as_deref()),
+        ] {
+            if let Some(kid) = kid {
+                let key_did = did_of(kid);
+                if msg.from.as_deref() != Some(key_did) {
+                    hints.from = Some(key_did.to_string());
+                    return Err(Rejection {
+                        sender_verified: false,
+                        ..Rejection::new(
+                            Code::Crypto,
+                            format!(
+                                "`from` ({}) is not the DID of the {what} ({key_did})",
+                                msg.from.as_deref().unwrap_or("absent")
+                            ),
+                        )
+                        .with_hints(&hints)
+                    });
+                }
+                verified = Some(key_did.to_string());
+            }
+        }
+        let with_sender = |r: Rejection| Rejection {
+            sender: verified.clone().or_else(|| hints.from.clone()),
+            sender_verified: verified.is_some(),
+            ..r.with_hints(&hints)
+        };
+
+        let policy = match require {
+            Require::Any => None,
+            Require::Signed if !envelope.signed() => Some(Code::NotSigned),
+            Require::Authcrypt if !envelope.authcrypt() => Some(Code::NotSenderAuthenticated),
+            Require::Authenticated if verified.is_none() => Some(Code::NotAuthenticated),
+            _ => None,
+        };
+        if let Some(code) = policy {
+            return Err(with_sender(Rejection::new(
+                code,
+                format!("the message is {}", envelope.as_str()),
+            )));
+        }
+
+        if msg.type_ != POST_TYPE {
+            return Err(with_sender(Rejection {
+                args: vec![msg.type_.clone()],
+                ..Rejection::new(Code::UnsupportedMessage, "")
+            }));
+        }
+        if let Some(exp) = msg.expires_time {
+            if exp <= now {
+                return Err(with_sender(Rejection::new(
+                    Code::ReqTime,
+                    format!("expires_time {exp} has passed (hub time {now})"),
+                )));
+            }
+        }
+        if let Some(created) = msg.created_time {
+            if created > now.saturating_add(self.limits.clock_skew_secs) {
+                return Err(with_sender(Rejection::new(
+                    Code::ReqTime,
+                    format!(
+                        "created_time {created} is more than {} s ahead of hub time {now}",
+                        self.limits.clock_skew_secs
+                    ),
+                )));
+            }
+        }
+        if let Some(to) = &msg.to {
+            if !to.iter().any(|d| d == &self.hub.did) {
+                return Err(with_sender(Rejection::new(
+                    Code::RejectPost,
+                    format!("`to` does not name the hub {}", self.hub.did),
+                )));
+            }
+        }
+        let payload = match msg.body.as_object() {
+            None => {
+                return Err(with_sender(Rejection::new(
+                    Code::InvalidMessage,
+                    "`body` is not a JSON object",
+                )))
+            }
+            Some(b) => match b.get("payload") {
+                None => {
+                    return Err(with_sender(Rejection::new(
+                        Code::InvalidMessage,
+                        "`body.payload` is missing",
+                    )))
+                }
+                Some(p) => p.clone(),
+            },
+        };
+        Ok(Verdict::Accept(Accepted {
+            thid: msg.thid.unwrap_or_else(|| msg.id.clone()),
+            id: msg.id,
+            sender: verified,
+            envelope,
+            payload,
+        }))
+    }
+
+    /// Builds the problem report for `r` as plaintext (pure; see PROTOCOL.md).
+    pub fn build_report(&self, r: &Rejection, escalate_to: Option<&str>, now: u64) -> Value {
+        build_report(&self.hub.did, r, escalate_to, now)
+    }
+
+    /// Builds and packs the report: signed by the hub; also authcrypted to a verified sender
+    /// that has a key-agreement key.
+    pub async fn pack_report(
+        &self,
+        r: &Rejection,
+        escalate_to: Option<&str>,
+        now: u64,
+    ) -> Result<String, String> {
+        let plain = self.build_report(r, escalate_to, now);
+        let msg: Message = serde_json::from_value(plain).map_err(|e| e.to_string())?;
+        let kid = self.hub.signing_kid();
+        if r.sender_verified {
+            if let Some(to) = &r.sender {
+                let can_encrypt = self
+                    .resolver
+                    .resolve_checked(to)
+                    .map(|d| !d.key_agreement.is_empty())
+                    .unwrap_or(false);
+                if can_encrypt {
+                    let (packed, _) = msg
+                        .pack_encrypted(
+                            to,
+                            Some(&self.hub.did),
+                            Some(&kid),
+                            &*self.resolver,
+                            &self.secrets,
+                            &PackEncryptedOptions {
+                                forward: false,
+                                ..PackEncryptedOptions::default()
+                            },
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    return Ok(packed);
+                }
+            }
+        }
+        let (packed, _) = msg
+            .pack_signed(&kid, &*self.resolver, &self.secrets)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(packed)
+    }
+}
+
+fn short(s: &str) -> String {
+    let s = s.trim();
+    if s.len() <= 160 {
+        return s.to_string();
+    }
+    let mut end = 160;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// The plaintext problem report for `r` from `hub_did` (pure).
+pub fn build_report(hub_did: &str, r: &Rejection, escalate_to: Option<&str>, now: u64) -> Value {
+    let mut body = json!({
+        "code": r.code.as_str(),
+        "comment": r.code.comment(),
+        "args": r.args,
+    });
+    if let Some(e) = escalate_to {
+        body["escalate_to"] = json!(e);
+    }
+    let mut m = json!({
+        "id": uuid::Uuid::new_v4().to_string(),
+        "typ": "application/didcomm-plain+json",
+        "type": REPORT_TYPE,
+        "from": hub_did,
+        "created_time": now,
+        "body": body,
+    });
+    if let Some(id) = &r.id {
+        m["pthid"] = json!(r.thid.as_deref().unwrap_or(id));
+        m["ack"] = json!([id]);
+    }
+    if let Some(s) = &r.sender {
+        m["to"] = json!([s]);
+    }
+    m
+}
+
+/// Packs a post the way a device would (the `send` and `bench` commands, and tests).
+pub async fn pack_post(
+    device: &Identity,
+    hub_did: &str,
+    id: &str,
+    payload: Value,
+    mode: Envelope,
+    now: u64,
+) -> Result<String, String> {
+    let resolver = LocalResolver::new(16);
+    let secrets = StaticSecrets::new(std::slice::from_ref(device));
+    let mut b = Message::build(
+        id.to_string(),
+        POST_TYPE.to_string(),
+        json!({ "payload": payload }),
+    )
+    .to(hub_did.to_string())
+    .created_time(now);
+    if mode != Envelope::Anoncrypt {
+        b = b.from(device.did.clone());
+    }
+    let msg = b.finalize();
+    let opts = PackEncryptedOptions {
+        forward: false,
+        ..PackEncryptedOptions::default()
+    };
+    let kid = device.signing_kid();
+    let r = match mode {
+        Envelope::Plaintext => msg
+            .pack_plaintext(&resolver)
+            .await
+            .map_err(|e| e.to_string())?,
+        Envelope::Signed => {
+            msg.pack_signed(&kid, &resolver, &secrets)
+                .await
+                .map_err(|e| e.to_string())?
+                .0
+        }
+        Envelope::Authcrypt
+        | Envelope::AuthcryptSigned
+        | Envelope::Anoncrypt
+        | Envelope::AnoncryptSigned => {
+            let from = mode.authcrypt().then_some(device.did.as_str());
+            let sign_by = mode.signed().then_some(kid.as_str());
+            msg.pack_encrypted(hub_did, from, sign_by, &resolver, &secrets, &opts)
+                .await
+                .map_err(|e| e.to_string())?
+                .0
+        }
+    };
+    Ok(r)
+}
+
+/// Unpacks a report addressed to `device` (tests and the `send --wait-report` path): returns the
+/// plaintext and whether it was signed by `hub_did`.
+pub async fn unpack_report(
+    device: &Identity,
+    packed: &str,
+) -> Result<(Value, Option<String>), String> {
+    let resolver = LocalResolver::new(16);
+    let secrets = StaticSecrets::new(std::slice::from_ref(device));
+    let (m, meta) = Message::unpack(packed, &resolver, &secrets, &UnpackOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let signer = meta.sign_from.map(|k| did_of(&k).to_string());
+    Ok((serde_json::to_value(m).map_err(|e| e.to_string())?, signer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::did::DidMethod;
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn setup() -> (Verifier, Identity) {
+        let hub = Identity::generate(DidMethod::Key);
+        let v = Verifier::new(
+            hub,
+            Arc::new(LocalResolver::new(64)),
+            VerifyLimits {
+                max_message_bytes: 65536,
+                clock_skew_secs: 300,
+            },
+        );
+        (v, Identity::generate(DidMethod::Key))
+    }
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        futures::executor::block_on(f)
+    }
+
+    #[test]
+    fn every_envelope_verifies_under_any() {
+        let (v, dev) = setup();
+        for mode in [
+            Envelope::Plaintext,
+            Envelope::Signed,
+            Envelope::Authcrypt,
+            Envelope::Anoncrypt,
+            Envelope::AnoncryptSigned,
+            Envelope::AuthcryptSigned,
+        ] {
+            let packed = run(pack_post(
+                &dev,
+                v.hub_did(),
+                "m1",
+                json!({"t": 1}),
+                mode,
+                now(),
+            ))
+            .unwrap();
+            match run(v.verify(packed.as_bytes(), Require::Any, now())) {
+                Verdict::Accept(a) => {
+                    assert_eq!(a.envelope, mode, "{mode:?}");
+                    let authenticated = !matches!(mode, Envelope::Plaintext | Envelope::Anoncrypt);
+                    assert_eq!(a.sender.is_some(), authenticated, "{mode:?}");
+                    assert_eq!(a.payload, json!({"t": 1}));
+                }
+                other => panic!("{mode:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn policy_codes() {
+        let (v, dev) = setup();
+        let cases = [
+            (
+                Envelope::Plaintext,
+                Require::Authenticated,
+                Code::NotAuthenticated,
+            ),
+            (
+                Envelope::Anoncrypt,
+                Require::Authenticated,
+                Code::NotAuthenticated,
+            ),
+            (Envelope::Plaintext, Require::Signed, Code::NotSigned),
+            (Envelope::Authcrypt, Require::Signed, Code::NotSigned),
+            (
+                Envelope::Signed,
+                Require::Authcrypt,
+                Code::NotSenderAuthenticated,
+            ),
+            (
+                Envelope::AnoncryptSigned,
+                Require::Authcrypt,
+                Code::NotSenderAuthenticated,
+            ),
+        ];
+        for (mode, req, code) in cases {
+            let packed = run(pack_post(&dev, v.hub_did(), "m1", json!(1), mode, now())).unwrap();
+            match run(v.verify(packed.as_bytes(), req, now())) {
+                Verdict::Reject(r) => {
+                    assert_eq!(r.code, code, "{mode:?} on {req:?}: {r:?}");
+                    assert_eq!(
+                        r.id.as_deref().is_some(),
+                        mode == Envelope::Plaintext || r.id.is_some()
+                    );
+                }
+                other => panic!("{mode:?} on {req:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_and_crypto() {
+        let (v, dev) = setup();
+        let code = |b: &[u8]| match run(v.verify(b, Require::Authenticated, now())) {
+            Verdict::Reject(r) => r.code,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(code(b"not json"), Code::InvalidMessage);
+        assert_eq!(code(b"[1]"), Code::InvalidMessage);
+        assert_eq!(code(&[0xff, 0xfe]), Code::InvalidMessage);
+        assert_eq!(code(&vec![b' '; 70000]), Code::RejectPost);
+        let signed = run(pack_post(
+            &dev,
+            v.hub_did(),
+            "m1",
+            json!(1),
+            Envelope::Signed,
+            now(),
+        ))
+        .unwrap();
+        let mut j: Value = serde_json::from_str(&signed).unwrap();
+        let sig = j["signatures"][0]["signature"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mut bad = sig.into_bytes();
+        bad[5] = if bad[5] == b'A' { b'B' } else { b'A' };
+        j["signatures"][0]["signature"] = json!(String::from_utf8(bad).unwrap());
+        assert_eq!(code(j.to_string().as_bytes()), Code::Crypto);
+        // Signed by dev, but `from` claims someone else.
+        let other = Identity::generate(DidMethod::Key);
+        let msg = Message::build("x".into(), POST_TYPE.into(), json!({"payload": 1}))
+            .from(other.did.clone())
+            .to(v.hub_did().to_string())
+            .finalize();
+        let secrets = StaticSecrets::new(std::slice::from_ref(&dev));
+        let r = LocalResolver::new(4);
+        let (forged, _) = run(msg.pack_signed(&dev.signing_kid(), &r, &secrets)).unwrap();
+        assert_eq!(code(forged.as_bytes()), Code::Crypto);
+    }
+
+    #[test]
+    fn report_is_linked_and_signed() {
+        let (v, dev) = setup();
+        let packed = run(pack_post(
+            &dev,
+            v.hub_did(),
+            "m-7",
+            json!(null),
+            Envelope::Signed,
+            now(),
+        ))
+        .unwrap();
+        let Verdict::Accept(a) = run(v.verify(packed.as_bytes(), Require::Signed, now())) else {
+            panic!()
+        };
+        let rej = Rejection::of_accepted(&a, Code::RejectPost, vec!["nothing storable".into()]);
+        let plain = v.build_report(&rej, Some("mailto:ops@example.com"), 5);
+        assert_eq!(plain["pthid"], "m-7");
+        assert_eq!(plain["ack"], json!(["m-7"]));
+        assert_eq!(plain["to"], json!([dev.did]));
+        assert_eq!(plain["body"]["code"], "e.p.msg.iota.post.reject-post");
+        assert_eq!(plain["body"]["escalate_to"], "mailto:ops@example.com");
+        let report = run(v.pack_report(&rej, None, now())).unwrap();
+        assert!(
+            report.contains("ciphertext"),
+            "encrypted to a verified sender"
+        );
+        let (m, signer) = run(unpack_report(&dev, &report)).unwrap();
+        assert_eq!(signer.as_deref(), Some(v.hub_did()));
+        assert_eq!(m["type"], REPORT_TYPE);
+        assert_eq!(rej.comment(), "The post was rejected: nothing storable.");
+    }
+}
