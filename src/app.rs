@@ -58,12 +58,18 @@ pub fn load_or_create_identity(cfg: &Config) -> Result<(Identity, bool), RunErro
 }
 
 fn create_state_dir(cfg: &Config) -> Result<(), RunError> {
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
-        RunError::State(format!(
-            "state_dir {}: {e}; create it or set state_dir in hub.toml",
-            cfg.state_dir.display()
-        ))
-    })
+    use std::os::unix::fs::DirBuilderExt;
+    // 0700: the store holds every device's telemetry, the identity the hub's secrets.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.state_dir)
+        .map_err(|e| {
+            RunError::State(format!(
+                "state_dir {}: {e}; create it or set state_dir in hub.toml",
+                cfg.state_dir.display()
+            ))
+        })
 }
 
 /// The hub, running until `shutdown` is cancelled; then it drains within

@@ -364,8 +364,13 @@ async fn real_main(cli: Cli) -> ExitCode {
             }
             match didhub::cli::query(&cfg.db_path(), measurement.as_deref(), since, limit) {
                 Ok(points) => {
-                    print!("{}", didhub::cli::render(&points, format));
-                    if format == didhub::cli::Format::Table {
+                    use std::io::Write as _;
+                    let text = didhub::cli::render(&points, format);
+                    // A closed pipe (`| head`) is not an error worth a panic.
+                    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+                    if points.len() == limit {
+                        eprintln!("{} point(s) (the --limit; there may be more)", points.len());
+                    } else if format == didhub::cli::Format::Table {
                         eprintln!("{} point(s)", points.len());
                     }
                     ExitCode::SUCCESS

@@ -740,6 +740,44 @@ pub async fn pack_post(
     Ok(r)
 }
 
+/// Packs an arbitrary plaintext message (a JSON object with DIDComm headers) as `device`, to
+/// `hub_did`: for tests, fuzz seeds and benchmarks that need headers a post would not carry.
+pub async fn pack_message(
+    device: &Identity,
+    hub_did: &str,
+    plaintext: Value,
+    mode: Envelope,
+) -> Result<String, String> {
+    let resolver = LocalResolver::new(16);
+    let secrets = StaticSecrets::new(std::slice::from_ref(device));
+    let msg: Message = serde_json::from_value(plaintext).map_err(|e| e.to_string())?;
+    let opts = PackEncryptedOptions {
+        forward: false,
+        ..PackEncryptedOptions::default()
+    };
+    let kid = device.signing_kid();
+    Ok(match mode {
+        Envelope::Plaintext => msg
+            .pack_plaintext(&resolver)
+            .await
+            .map_err(|e| e.to_string())?,
+        Envelope::Signed => {
+            msg.pack_signed(&kid, &resolver, &secrets)
+                .await
+                .map_err(|e| e.to_string())?
+                .0
+        }
+        _ => {
+            let from = mode.authcrypt().then_some(device.did.as_str());
+            let sign_by = mode.signed().then_some(kid.as_str());
+            msg.pack_encrypted(hub_did, from, sign_by, &resolver, &secrets, &opts)
+                .await
+                .map_err(|e| e.to_string())?
+                .0
+        }
+    })
+}
+
 /// Unpacks a report addressed to `device` (tests and the `send --wait-report` path): returns the
 /// plaintext and whether it was signed by `hub_did`.
 pub async fn unpack_report(
