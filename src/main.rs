@@ -141,7 +141,7 @@ fn init_tracing(cfg: Option<&Config>) {
     use std::io::IsTerminal;
     let level = cfg.map(|c| c.log.level.as_str()).unwrap_or("info");
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},rumqttd=warn")));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},rumqttd=off")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

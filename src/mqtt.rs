@@ -116,8 +116,11 @@ pub async fn poll_loop(
                 } else {
                     tracing::info!(broker = %broker, session_present = ack.session_present, "connected to the broker");
                 }
+                // Subscribe on this process's first connection (routes may have changed since
+                // the session was made) and whenever the broker kept no session.
+                let subscribe = !ever_connected || !ack.session_present;
                 ever_connected = true;
-                if !ack.session_present {
+                if subscribe {
                     for (filter, qos) in &subscriptions {
                         let q = if *qos == 0 {
                             QoS::AtMostOnce
