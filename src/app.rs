@@ -7,13 +7,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, StoreKind};
-use crate::did::{DidMethod, Identity, LocalResolver};
-use crate::mapping::MapLimits;
+use crate::did::{DidMethod, Identity};
 use crate::mqtt::{self, Backoff, Link};
-use crate::pipeline::{self, Committer, RateLimiter, Routing, Shared, Stats};
+use crate::pipeline::{self, Committer, Shared, Stats};
 use crate::ship::{ShipStats, Shipper};
 use crate::store::{self, Sink};
-use crate::verify::{Verifier, VerifyLimits};
 
 /// A start-up failure.
 #[derive(Debug, thiserror::Error)]
@@ -117,35 +115,8 @@ pub async fn run(
         StoreKind::Influxdb => Sink::Outbox,
     };
 
-    let resolver = Arc::new(LocalResolver::new(100_000));
-    let verifier = Verifier::new(
-        identity,
-        resolver,
-        VerifyLimits {
-            max_message_bytes: cfg.limits.max_message_bytes,
-            clock_skew_secs: cfg.limits.clock_skew.as_secs(),
-        },
-    );
-    let routing = Routing::new(&cfg);
-    let subscriptions = routing.subscriptions();
-    let shared = Arc::new(Shared {
-        verifier,
-        routing,
-        limiter: RateLimiter::new(
-            cfg.reports.per_sender_per_second,
-            cfg.reports.per_sender_burst,
-            cfg.reports.global_per_second,
-            cfg.reports.global_burst,
-        ),
-        stats: stats.clone(),
-        map_limits: MapLimits {
-            max_depth: cfg.limits.max_json_depth,
-            max_fields: cfg.limits.max_fields,
-        },
-        reports_enabled: cfg.reports.enabled,
-        report_unparseable: cfg.reports.report_unparseable,
-        escalate_to: cfg.reports.escalate_to.clone(),
-    });
+    let shared = Arc::new(Shared::from_config(&cfg, identity, stats.clone()));
+    let subscriptions = shared.routing.subscriptions();
 
     // Shipper (InfluxDB mode).
     let outbox_notify = Arc::new(tokio::sync::Notify::new());

@@ -379,6 +379,36 @@ fn now_secs() -> u64 {
 }
 
 impl Shared {
+    /// Everything the workers need, from config and the hub identity.
+    pub fn from_config(cfg: &Config, hub: crate::did::Identity, stats: Arc<Stats>) -> Shared {
+        let verifier = Verifier::new(
+            hub,
+            Arc::new(crate::did::LocalResolver::new(100_000)),
+            crate::verify::VerifyLimits {
+                max_message_bytes: cfg.limits.max_message_bytes,
+                clock_skew_secs: cfg.limits.clock_skew.as_secs(),
+            },
+        );
+        Shared {
+            verifier,
+            routing: Routing::new(cfg),
+            limiter: RateLimiter::new(
+                cfg.reports.per_sender_per_second,
+                cfg.reports.per_sender_burst,
+                cfg.reports.global_per_second,
+                cfg.reports.global_burst,
+            ),
+            stats,
+            map_limits: MapLimits {
+                max_depth: cfg.limits.max_json_depth,
+                max_fields: cfg.limits.max_fields,
+            },
+            reports_enabled: cfg.reports.enabled,
+            report_unparseable: cfg.reports.report_unparseable,
+            escalate_to: cfg.reports.escalate_to.clone(),
+        }
+    }
+
     /// Verifies and maps one message (runs on a worker thread).
     pub fn process(&self, m: Inbound) -> Work {
         let span = tracing::debug_span!("msg", seq = m.seq, topic = %m.topic);
