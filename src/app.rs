@@ -39,20 +39,26 @@ pub enum RunError {
 /// Loads the hub identity from `state_dir`, creating it on first start.
 pub fn load_or_create_identity(cfg: &Config) -> Result<(Identity, bool), RunError> {
     let path = cfg.identity_path();
-    if path.exists() {
+    let (id, created) = if path.exists() {
         let id = Identity::load(&path).map_err(|e| {
             RunError::State(format!(
-                "hub identity {}: {e}; restore it from backup (devices encrypt to this DID)",
-                path.display()
+                "hub identity: {e}; restore it from backup (devices encrypt to this DID)"
             ))
         })?;
-        return Ok((id, false));
+        (id, false)
+    } else {
+        create_state_dir(cfg)?;
+        let id = Identity::generate(cfg.identity.method);
+        id.save(&path)
+            .map_err(|e| RunError::State(format!("cannot write {}: {e}", path.display())))?;
+        (id, true)
+    };
+    // The public DID, readable by `didhub send` and by people; the secrets stay 0600.
+    let did_file = cfg.state_dir.join("hub.did");
+    if let Err(e) = std::fs::write(&did_file, format!("{}\n", id.did)) {
+        tracing::warn!(path = %did_file.display(), error = %e, "cannot write the hub DID file");
     }
-    create_state_dir(cfg)?;
-    let id = Identity::generate(cfg.identity.method);
-    id.save(&path)
-        .map_err(|e| RunError::State(format!("cannot write {}: {e}", path.display())))?;
-    Ok((id, true))
+    Ok((id, created))
 }
 
 fn create_state_dir(cfg: &Config) -> Result<(), RunError> {
@@ -82,11 +88,6 @@ pub async fn run(
         tracing::info!(did = %identity.did, path = %cfg.identity_path().display(), "created the hub identity");
     }
     let hub_did = identity.did.clone();
-    // The public DID, readable by `didhub send` and by people; the secrets stay 0600.
-    let did_file = cfg.state_dir.join("hub.did");
-    if let Err(e) = std::fs::write(&did_file, format!("{hub_did}\n")) {
-        tracing::warn!(path = %did_file.display(), error = %e, "cannot write the hub DID file");
-    }
 
     #[cfg(feature = "embedded-broker")]
     if cfg.broker.embedded {
@@ -191,7 +192,7 @@ pub async fn run(
         topics = ?topics,
         store = ?cfg.store.kind,
         workers,
-        "didhub ready: devices publish DIDComm posts to the topics above, addressed to the hub DID"
+        "didhub ready: devices publish DIDComm posts on `topics`, addressed to `did`"
     );
 
     // Periodic summary while running.
@@ -232,9 +233,14 @@ pub async fn run(
         })
         .await;
         let _ = acker.await;
-        // Acks are queued in rumqttc; the disconnect goes after them.
-        let _ = client.disconnect().await;
-        let _ = poll.await;
+        if link.connected.load(Ordering::Relaxed) {
+            // Acks are queued in rumqttc; the disconnect goes after them.
+            let _ = client.disconnect().await;
+            let _ = poll.await;
+        } else {
+            // No broker to flush acks to: unacked messages are redelivered next session.
+            poll.abort();
+        }
     };
     if tokio::time::timeout_at(deadline, drained).await.is_err() {
         tracing::warn!(

@@ -273,6 +273,7 @@ pub fn render(points: &[Point], format: Format) -> String {
                 out.push('\n');
             }
         }
+        Format::Csv | Format::Table if points.is_empty() => {}
         Format::Csv | Format::Table => {
             let mut tag_keys: Vec<&String> = points.iter().flat_map(|p| p.tags.keys()).collect();
             tag_keys.sort();

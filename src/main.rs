@@ -145,6 +145,8 @@ fn init_tracing(cfg: Option<&Config>) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A closed stderr must not panic the task that logs (it would stop the pipeline).
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal());
     if cfg.is_some_and(|c| c.log.format == "json") {
         builder.json().init();
