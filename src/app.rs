@@ -1,6 +1,6 @@
 //! `run`: wires the stages together and stops them in order (decide, tell, wait).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -122,6 +122,20 @@ pub async fn run(
     // Shipper (InfluxDB mode).
     let outbox_notify = Arc::new(tokio::sync::Notify::new());
     let ship_stats = Arc::new(ShipStats::default());
+    if sink == Sink::Outbox {
+        let (rows, bytes) = store::outbox_size(&conn).map_err(|source| RunError::Store {
+            path: db.display().to_string(),
+            source,
+        })?;
+        ship_stats.added(rows, bytes);
+        if rows > 0 {
+            tracing::info!(
+                rows,
+                bytes,
+                "points from before the restart wait in the outbox"
+            );
+        }
+    }
     let ship_stop = CancellationToken::new();
     let shipper = match (&cfg.store.kind, &cfg.store.influxdb) {
         (StoreKind::Influxdb, Some(icfg)) => {
@@ -131,9 +145,24 @@ pub async fn run(
                 icfg.organization.clone(),
                 token.expose().to_string(),
             );
+            match tokio::time::timeout(Duration::from_secs(5), client.health()).await {
+                Ok(Ok(h)) => {
+                    tracing::info!(url = %icfg.url, status = ?h.status, "InfluxDB answers")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(url = %icfg.url, error = %e, "InfluxDB health check failed; points wait in the outbox until it accepts writes")
+                }
+                Err(_) => {
+                    tracing::warn!(url = %icfg.url, "InfluxDB health check timed out; points wait in the outbox until it accepts writes")
+                }
+            }
+            let http = reqwest::Client::builder()
+                .build()
+                .map_err(|e| RunError::State(format!("cannot build the HTTP client: {e}")))?;
             let shipper = Arc::new(Shipper {
-                client,
+                http,
                 cfg: icfg.clone(),
+                token,
                 conn: Arc::new(Mutex::new(open(&db)?)),
                 notify: outbox_notify.clone(),
                 stats: ship_stats.clone(),
@@ -156,7 +185,10 @@ pub async fn run(
     let (in_tx, in_rx) = flume::bounded(cfg.pipeline.queue);
     let (work_tx, work_rx) = flume::bounded(cfg.pipeline.queue);
     let (settled_tx, settled_rx) = flume::bounded(cfg.pipeline.queue);
+    let stats_tx = work_tx.clone();
     let worker_handles = pipeline::spawn_workers(workers, shared.clone(), in_rx, work_tx);
+    let outbox_full = Arc::new(AtomicBool::new(false));
+    let committer_stop = Arc::new(AtomicBool::new(false));
     let committer = Committer {
         conn,
         sink,
@@ -164,6 +196,10 @@ pub async fn run(
         replay_window_ns: cfg.store.replay_window.as_nanos().min(i64::MAX as u128) as i64,
         shared: shared.clone(),
         outbox_notify: (sink == Sink::Outbox).then(|| outbox_notify.clone()),
+        ship_stats: ship_stats.clone(),
+        outbox_max_bytes: cfg.outbox.max_bytes,
+        outbox_full: outbox_full.clone(),
+        stop: committer_stop.clone(),
     };
     let committer_handle = std::thread::Builder::new()
         .name("committer".into())
@@ -213,7 +249,39 @@ pub async fn run(
         }
     });
 
+    // The hub's own counters as points, through the committer (so they are durable too).
+    let stats_task = {
+        let (stats, ship_stats, link, stop) = (
+            stats.clone(),
+            ship_stats.clone(),
+            link.clone(),
+            shutdown.clone(),
+        );
+        let (interval, hub_did, full) = (cfg.stats_interval, hub_did.clone(), outbox_full.clone());
+        tokio::spawn(async move {
+            if interval.is_zero() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                if full.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let snap = crate::stats::snapshot(&stats, &ship_stats, &link);
+                let point = crate::stats::stats_point(&hub_did, &snap, crate::now_ns());
+                if stats_tx.try_send(pipeline::Work::Internal(point)).is_err() {
+                    tracing::debug!("statistics point skipped: the pipeline is busy");
+                }
+            }
+        })
+    };
+
     shutdown.cancelled().await;
+    committer_stop.store(true, Ordering::Relaxed);
+    let _ = stats_task.await;
     tracing::info!(timeout = ?cfg.pipeline.shutdown_timeout, "stopping: ingest closed, draining the pipeline");
     let deadline = tokio::time::Instant::now() + cfg.pipeline.shutdown_timeout;
 

@@ -93,6 +93,12 @@ pub struct Config {
     /// Where points go.
     #[serde(default)]
     pub store: StoreConfig,
+    /// The local outbox that holds points until InfluxDB accepts them.
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    /// How often the hub writes its own counters as `didhub_stats` points (0s = never).
+    #[serde(default = "default_stats_interval", with = "humantime_serde")]
+    pub stats_interval: Duration,
     /// Limits applied to every message.
     #[serde(default)]
     pub limits: Limits,
@@ -111,6 +117,32 @@ pub struct Config {
     /// The device registry.
     #[serde(default)]
     pub devices: Vec<Device>,
+}
+
+fn default_stats_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// `[outbox]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Disk budget of points waiting for InfluxDB; at the budget the hub stops acknowledging
+    /// (the broker holds the backlog) until the shipper drains it.
+    #[serde(default = "default_outbox_max_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_outbox_max_bytes() -> u64 {
+    1 << 30
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_outbox_max_bytes(),
+        }
+    }
 }
 
 fn default_state_dir() -> PathBuf {
@@ -748,6 +780,9 @@ impl Config {
                 }
             }
             _ => {}
+        }
+        if self.outbox.max_bytes < 4096 {
+            return Err(invalid("outbox.max_bytes", "must be at least 4096"));
         }
         if self.limits.max_message_bytes < 256 {
             return Err(invalid("limits.max_message_bytes", "must be at least 256"));

@@ -16,6 +16,7 @@
 //! - [`store`]: SQLite (WAL) with group commit and the replay window.
 //! - [`mqtt`]: rumqttc poll task with backoff, and the in-order acker.
 //! - [`ship`]: outbox → InfluxDB `/api/v2/write`, delete only after acceptance.
+//! - [`stats`]: the hub's own counters as `didhub_stats` points.
 //! - [`app`]: `run()`: wiring and ordered shutdown.
 //! - [`cli`]: the device-side `send` and the operator's `query`.
 //! - `broker`: the embedded rumqttd broker (feature `embedded-broker`).
@@ -30,6 +31,7 @@ pub mod mapping;
 pub mod mqtt;
 pub mod pipeline;
 pub mod ship;
+pub mod stats;
 pub mod store;
 pub mod verify;
 

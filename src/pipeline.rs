@@ -82,6 +82,10 @@ pub struct Stats {
     pub acked: AtomicU64,
     /// Commit batches.
     pub batches: AtomicU64,
+    /// Time spent verifying, ns.
+    pub verify_nanos: AtomicU64,
+    /// Messages verified.
+    pub verify_count: AtomicU64,
 }
 
 impl Stats {
@@ -369,6 +373,8 @@ pub enum Work {
     },
     /// Nothing to commit; settle at once.
     Done(Settled),
+    /// A point of the hub's own (statistics): committed, nothing to acknowledge.
+    Internal(crate::mapping::Point),
 }
 
 fn now_secs() -> u64 {
@@ -431,11 +437,16 @@ impl Shared {
                 report: None,
             });
         };
+        let started = Instant::now();
         let verdict = futures::executor::block_on(self.verifier.verify(
             &m.payload,
             route.route.require,
             now_secs(),
         ));
+        self.stats
+            .verify_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.stats.verify_count.fetch_add(1, Ordering::Relaxed);
         let report_topic = |sender: Option<&str>| {
             m.response_topic
                 .clone()
@@ -620,9 +631,68 @@ pub struct Committer {
     pub shared: Arc<Shared>,
     /// Woken after each commit that added outbox rows.
     pub outbox_notify: Option<Arc<tokio::sync::Notify>>,
+    /// Outbox gauges (shared with the shipper).
+    pub ship_stats: Arc<crate::ship::ShipStats>,
+    /// Outbox disk budget in bytes.
+    pub outbox_max_bytes: u64,
+    /// Set while the outbox is at its budget (readiness reports it).
+    pub outbox_full: Arc<std::sync::atomic::AtomicBool>,
+    /// Stop waiting for the outbox to drain (shutdown).
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Committer {
+    /// Waits while the outbox is over its budget; `false` when told to stop meanwhile.
+    fn wait_for_budget(&self) -> bool {
+        if self.sink != Sink::Outbox {
+            return true;
+        }
+        let over =
+            || self.ship_stats.outbox_bytes.load(Ordering::Relaxed) as u64 >= self.outbox_max_bytes;
+        if !over() {
+            return true;
+        }
+        self.outbox_full.store(true, Ordering::Relaxed);
+        tracing::warn!(
+            outbox_bytes = self.ship_stats.outbox_bytes.load(Ordering::Relaxed),
+            outbox_rows = self.ship_stats.outbox_rows.load(Ordering::Relaxed),
+            max_bytes = self.outbox_max_bytes,
+            "the outbox is at its disk budget (outbox.max_bytes): not acknowledging new messages; the broker holds them until the store drains the outbox"
+        );
+        while over() {
+            if self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        self.outbox_full.store(false, Ordering::Relaxed);
+        tracing::info!(
+            outbox_bytes = self.ship_stats.outbox_bytes.load(Ordering::Relaxed),
+            "the outbox is below its disk budget again; acknowledging resumes"
+        );
+        true
+    }
+
+    fn commit_with_retry(&mut self, commits: &[&Commit]) -> Option<store::Committed> {
+        // A commit failure (disk full, I/O error) is retried: nothing is acked meanwhile.
+        let mut attempt = 0u32;
+        loop {
+            match store::commit_batch(&mut self.conn, self.sink, commits) {
+                Ok(r) => return Some(r),
+                Err(e) => {
+                    attempt += 1;
+                    tracing::error!(error = %e, attempt, "commit failed; retrying (nothing is acknowledged until it succeeds)");
+                    if self.stop.load(Ordering::Relaxed) {
+                        return None;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(
+                        (100u64 << attempt.min(6)).min(5000),
+                    ));
+                }
+            }
+        }
+    }
+
     /// Runs until `rx` closes; returns the first fatal store error.
     pub fn run(
         mut self,
@@ -642,36 +712,46 @@ impl Committer {
                 .iter()
                 .filter_map(|w| match w {
                     Work::Store { commit, .. } => Some(commit),
-                    Work::Done(_) => None,
+                    _ => None,
                 })
                 .collect();
-            let results = if commits.is_empty() {
-                Vec::new()
+            let committed = if commits.is_empty() {
+                store::Committed::default()
             } else {
-                // A commit failure (disk full, I/O error) is retried: nothing is acked meanwhile.
-                let mut attempt = 0u32;
-                loop {
-                    match store::commit_batch(&mut self.conn, self.sink, &commits) {
-                        Ok(r) => break r,
-                        Err(e) => {
-                            attempt += 1;
-                            tracing::error!(error = %e, attempt, "commit failed; retrying (nothing is acknowledged until it succeeds)");
-                            std::thread::sleep(std::time::Duration::from_millis(
-                                (100u64 << attempt.min(6)).min(5000),
-                            ));
-                        }
-                    }
+                if !self.wait_for_budget() {
+                    // Stopping with a full outbox: these stay unacknowledged and are
+                    // redelivered by the broker.
+                    return Ok(());
+                }
+                match self.commit_with_retry(&commits) {
+                    Some(c) => c,
+                    None => return Ok(()),
                 }
             };
-            let stats = &self.shared.stats;
+            let stats = self.shared.stats.clone();
             if !commits.is_empty() {
                 stats.batches.fetch_add(1, Ordering::Relaxed);
             }
-            let mut results = results.into_iter();
-            let mut stored_any = false;
+            self.ship_stats
+                .added(committed.outbox_rows, committed.outbox_bytes);
+            let mut results = committed.results.into_iter();
+            let mut stored_any = committed.outbox_rows > 0;
             for w in batch {
                 let settled = match w {
                     Work::Done(s) => s,
+                    Work::Internal(p) => {
+                        match store::insert_point(&self.conn, self.sink, &p) {
+                            Ok(bytes) if self.sink == Sink::Outbox => {
+                                self.ship_stats.added(1, bytes);
+                                stored_any = true;
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "could not store the hub's statistics")
+                            }
+                        }
+                        continue;
+                    }
                     Work::Store {
                         seq,
                         ack,
@@ -681,7 +761,6 @@ impl Committer {
                     } => {
                         let report = match results.next() {
                             Some(CommitResult::Stored) => {
-                                stored_any = true;
                                 stats.accepted.fetch_add(1, Ordering::Relaxed);
                                 stats
                                     .points

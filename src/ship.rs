@@ -2,20 +2,30 @@
 //!
 //! Rows leave the outbox only after InfluxDB accepted them, so a crash re-sends them; a re-sent
 //! point has the same series and timestamp, so InfluxDB overwrites it instead of doubling it.
-//! Transient failures (connection refused, 429, 5xx) are retried with backoff; a batch refused
-//! as bad data (400, 422) is split until the bad lines are found and moved to `dead_letters`.
+//!
+//! | answer | what the shipper does |
+//! |---|---|
+//! | 2xx | delete the rows |
+//! | connection error, 5xx, 429 | keep the rows, retry after `Retry-After` or capped backoff |
+//! | 401, 403 | keep the rows, log at ERROR (the token must be fixed), retry with backoff |
+//! | 413 | split the batch and send the halves |
+//! | 400, 422 | split until the refused lines are alone; those go to `dead_letters` with the reason |
+//!
+//! Writes go through `reqwest` (the client the `influxdb2` crate wraps): the crate's error type
+//! drops response headers, and `Retry-After` must be honoured. `influxdb2` still answers the
+//! start-up health check.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::InfluxConfig;
+use crate::config::{InfluxConfig, Secret};
 use crate::mqtt::Backoff;
 use crate::store;
 
-/// Shipper counters.
+/// Shipper counters and the outbox gauges.
 #[derive(Debug, Default)]
 pub struct ShipStats {
     /// Points InfluxDB accepted.
@@ -24,23 +34,90 @@ pub struct ShipStats {
     pub errors: AtomicU64,
     /// Points moved to dead letters.
     pub dead: AtomicU64,
+    /// Rows waiting in the outbox.
+    pub outbox_rows: AtomicI64,
+    /// Bytes of line protocol waiting in the outbox.
+    pub outbox_bytes: AtomicI64,
+    /// The store accepted the last write (or nothing was sent yet).
+    pub store_ok: AtomicBool,
 }
 
-/// What a write attempt says about the batch.
-enum Outcome {
+impl ShipStats {
+    /// Records rows added by a commit.
+    pub fn added(&self, rows: i64, bytes: i64) {
+        self.outbox_rows.fetch_add(rows, Ordering::Relaxed);
+        self.outbox_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn removed(&self, rows: &[(i64, String)]) {
+        let bytes: i64 = rows.iter().map(|r| r.1.len() as i64).sum();
+        self.outbox_rows
+            .fetch_sub(rows.len() as i64, Ordering::Relaxed);
+        self.outbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// What one write request said about the batch.
+#[derive(Debug, PartialEq)]
+enum Answer {
     Ok,
-    /// Try again later.
-    Retry(String),
+    /// Transient: try again after the delay (if the server named one).
+    Retry(String, Option<Duration>),
+    /// The token or permissions are wrong: an operator must act.
+    Denied(String),
+    /// Too large: split.
+    TooLarge(String),
     /// The data itself is refused.
     Refused(String),
 }
 
+/// Parses `Retry-After` (delay-seconds or an HTTP date).
+fn retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs.min(3600)));
+    }
+    let when = httpdate_to_system_time(v)?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+            .min(Duration::from_secs(3600)),
+    )
+}
+
+fn httpdate_to_system_time(v: &str) -> Option<std::time::SystemTime> {
+    // IMF-fixdate, e.g. "Sun, 06 Nov 1994 08:49:37 GMT", read as RFC 3339.
+    let parts: Vec<&str> = v.split_whitespace().collect();
+    if parts.len() != 6 || parts[5] != "GMT" {
+        return None;
+    }
+    let month = match parts[2] {
+        "Jan" => 1,
+        "Feb" => 2,
+        "Mar" => 3,
+        "Apr" => 4,
+        "May" => 5,
+        "Jun" => 6,
+        "Jul" => 7,
+        "Aug" => 8,
+        "Sep" => 9,
+        "Oct" => 10,
+        "Nov" => 11,
+        "Dec" => 12,
+        _ => return None,
+    };
+    let rfc = format!("{}-{:02}-{:0>2}T{}Z", parts[3], month, parts[1], parts[4]);
+    humantime::parse_rfc3339(&rfc).ok()
+}
+
 /// The shipper task.
 pub struct Shipper {
-    /// The InfluxDB client.
-    pub client: influxdb2::Client,
+    /// HTTP client.
+    pub http: reqwest::Client,
     /// Settings.
     pub cfg: InfluxConfig,
+    /// The API token.
+    pub token: Secret,
     /// Its own connection to the SQLite store.
     pub conn: Arc<Mutex<rusqlite::Connection>>,
     /// Woken by the committer.
@@ -50,28 +127,53 @@ pub struct Shipper {
 }
 
 impl Shipper {
-    async fn write(&self, lines: &[(i64, String)]) -> Outcome {
+    fn write_url(&self) -> String {
+        format!("{}/api/v2/write", self.cfg.url.trim_end_matches('/'))
+    }
+
+    async fn write(&self, lines: &[(i64, String)]) -> Answer {
         let mut body = String::with_capacity(lines.iter().map(|l| l.1.len() + 1).sum());
         for (_, l) in lines {
             body.push_str(l);
             body.push('\n');
         }
-        match self
-            .client
-            .write_line_protocol(&self.cfg.organization, &self.cfg.bucket, body)
-            .await
-        {
-            Ok(()) => Outcome::Ok,
-            Err(influxdb2::RequestError::Http { status, text }) => {
-                let code = status.as_u16();
-                let reason = format!("HTTP {code}: {}", text.trim());
-                if matches!(code, 400 | 422) {
-                    Outcome::Refused(reason)
-                } else {
-                    Outcome::Retry(reason)
-                }
-            }
-            Err(e) => Outcome::Retry(e.to_string()),
+        let mut req = self
+            .http
+            .post(self.write_url())
+            .query(&[
+                ("org", self.cfg.organization.as_str()),
+                ("bucket", self.cfg.bucket.as_str()),
+                ("precision", "ns"),
+            ])
+            .header("Content-Type", "text/plain; charset=utf-8")
+            .timeout(Duration::from_secs(30))
+            .body(body);
+        if !self.token.is_empty() {
+            req = req.header("Authorization", format!("Token {}", self.token.expose()));
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return Answer::Retry(format!("{e}"), None),
+        };
+        let status = resp.status().as_u16();
+        if (200..300).contains(&status) {
+            return Answer::Ok;
+        }
+        let after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(retry_after);
+        let text = resp.text().await.unwrap_or_default();
+        let reason = format!(
+            "HTTP {status}: {}",
+            text.trim().chars().take(300).collect::<String>()
+        );
+        match status {
+            400 | 422 => Answer::Refused(reason),
+            413 => Answer::TooLarge(reason),
+            401 | 403 => Answer::Denied(reason),
+            _ => Answer::Retry(reason, after),
         }
     }
 
@@ -88,39 +190,55 @@ impl Shipper {
         .unwrap_or_else(|e| panic!("shipper database task panicked: {e}"))
     }
 
-    /// Ships a batch, splitting refused batches down to the bad lines. Returns an error string
-    /// when InfluxDB is unavailable (retry later).
-    async fn ship(&self, rows: Vec<(i64, String)>) -> Result<(), String> {
+    /// Ships a batch, splitting too-large or refused batches. `Err` = try again later.
+    async fn ship(&self, rows: Vec<(i64, String)>) -> Result<(), (String, Option<Duration>)> {
         let mut stack = vec![rows];
         while let Some(rows) = stack.pop() {
-            match self.write(&rows).await {
-                Outcome::Ok => {
+            let answer = self.write(&rows).await;
+            match answer {
+                Answer::Ok => {
+                    self.stats.store_ok.store(true, Ordering::Relaxed);
                     let seqs: Vec<i64> = rows.iter().map(|r| r.0).collect();
-                    let n = seqs.len() as u64;
                     self.blocking(move |c| store::outbox_delete(c, &seqs))
                         .await
-                        .map_err(|e| e.to_string())?;
-                    self.stats.shipped.fetch_add(n, Ordering::Relaxed);
+                        .map_err(|e| (e.to_string(), None))?;
+                    self.stats.removed(&rows);
+                    self.stats
+                        .shipped
+                        .fetch_add(rows.len() as u64, Ordering::Relaxed);
                 }
-                Outcome::Retry(reason) => {
+                Answer::Retry(reason, after) => {
+                    self.stats.store_ok.store(false, Ordering::Relaxed);
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    return Err(reason);
+                    return Err((reason, after));
                 }
-                Outcome::Refused(reason) => {
+                Answer::Denied(reason) => {
+                    self.stats.store_ok.store(false, Ordering::Relaxed);
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    return Err((
+                        format!(
+                            "{reason}; check store.influxdb.token and the bucket's permissions"
+                        ),
+                        None,
+                    ));
+                }
+                Answer::TooLarge(reason) | Answer::Refused(reason) => {
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
                     if rows.len() == 1 {
-                        tracing::warn!(reason = %reason, line = %rows[0].1, "InfluxDB refused a point; moved to dead letters (`didhub query --dead-letters`)");
+                        tracing::warn!(reason = %reason, line = %rows[0].1, "the store refused a point; moved to dead letters (`didhub query --dead-letters`)");
                         self.stats.dead.fetch_add(1, Ordering::Relaxed);
+                        let moved = rows.clone();
                         self.blocking(move |c| {
-                            store::outbox_dead_letter(c, &rows, &reason, crate::now_ns())
+                            store::outbox_dead_letter(c, &moved, &reason, crate::now_ns())
                         })
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| (e.to_string(), None))?;
+                        self.stats.removed(&rows);
                     } else {
-                        let mut rows = rows;
-                        let tail = rows.split_off(rows.len() / 2);
-                        stack.push(tail);
-                        stack.push(rows);
+                        let mut first = rows;
+                        let second = first.split_off(first.len() / 2);
+                        stack.push(second);
+                        stack.push(first);
                     }
                 }
             }
@@ -128,7 +246,7 @@ impl Shipper {
         Ok(())
     }
 
-    /// Runs until `shutdown`; then makes one last attempt to flush within `deadline`.
+    /// Runs until `shutdown`.
     pub async fn run(&self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(self.cfg.retry_min, self.cfg.retry_max);
         let batch = self.cfg.batch_size;
@@ -156,18 +274,26 @@ impl Shipper {
             match self.ship(rows).await {
                 Ok(()) => {
                     if failing {
-                        tracing::info!("InfluxDB accepts writes again; draining the outbox");
+                        tracing::info!(
+                            backlog = self.stats.outbox_rows.load(Ordering::Relaxed),
+                            "the store accepts writes again; draining the outbox"
+                        );
                         failing = false;
                     }
                     backoff.reset();
                 }
-                Err(reason) => {
-                    let delay = backoff.next_delay();
+                Err((reason, after)) => {
+                    let delay = after.unwrap_or_else(|| backoff.next_delay());
+                    let denied = reason.contains("HTTP 401") || reason.contains("HTTP 403");
                     if !failing {
-                        tracing::warn!(reason = %reason, retry_in = ?delay, "InfluxDB write failed; points stay in the outbox and are retried");
+                        if denied {
+                            tracing::error!(reason = %reason, retry_in = ?delay, "the store refuses the hub's credentials; points stay in the outbox");
+                        } else {
+                            tracing::warn!(reason = %reason, retry_in = ?delay, "store write failed; points stay in the outbox and are retried");
+                        }
                         failing = true;
                     } else {
-                        tracing::debug!(reason = %reason, retry_in = ?delay, "InfluxDB write failed again");
+                        tracing::debug!(reason = %reason, retry_in = ?delay, "store write failed again");
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -186,10 +312,26 @@ impl Shipper {
                 Ok(r) if !r.is_empty() => r,
                 _ => return,
             };
-            if let Err(reason) = self.ship(rows).await {
+            if let Err((reason, _)) = self.ship(rows).await {
                 tracing::warn!(reason = %reason, "outbox not fully flushed at shutdown; it is shipped after the next start");
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(
+            retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon"), None);
+        assert!(httpdate_to_system_time("Wed, 25 Nov 2026 04:00:00 GMT").is_some());
     }
 }

@@ -96,14 +96,26 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// Commits a batch in one transaction; returns one result per message, in order.
+/// What a commit did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// One result per message, in order.
+    pub results: Vec<CommitResult>,
+    /// Outbox rows added.
+    pub outbox_rows: i64,
+    /// Outbox bytes added.
+    pub outbox_bytes: i64,
+}
+
+/// Commits a batch in one transaction.
 pub fn commit_batch(
     conn: &mut Connection,
     sink: Sink,
     batch: &[&Commit],
-) -> Result<Vec<CommitResult>, StoreError> {
+) -> Result<Committed, StoreError> {
     let tx = conn.transaction()?;
     let mut results = Vec::with_capacity(batch.len());
+    let (mut outbox_rows, mut outbox_bytes) = (0i64, 0i64);
     {
         let mut seen = tx.prepare_cached(
             "INSERT INTO seen (sender, msg_id, hash, received_ns) VALUES (?1, ?2, ?3, ?4)
@@ -140,7 +152,10 @@ pub fn commit_batch(
                         ])?;
                     }
                     Sink::Outbox => {
-                        outbox.execute(params![p.to_line()])?;
+                        let line = p.to_line();
+                        outbox_rows += 1;
+                        outbox_bytes += line.len() as i64;
+                        outbox.execute(params![line])?;
                     }
                 }
             }
@@ -148,7 +163,43 @@ pub fn commit_batch(
         }
     }
     tx.commit()?;
-    Ok(results)
+    Ok(Committed {
+        results,
+        outbox_rows,
+        outbox_bytes,
+    })
+}
+
+/// Inserts one internal point (the hub's own statistics) outside the replay window.
+pub fn insert_point(conn: &Connection, sink: Sink, p: &Point) -> Result<i64, StoreError> {
+    match sink {
+        Sink::Embedded => {
+            conn.execute(
+                "INSERT INTO points (measurement, ts_ns, tags, fields, msg_id) VALUES (?1, ?2, ?3, ?4, '')",
+                params![
+                    p.measurement,
+                    p.timestamp_ns,
+                    serde_json::to_string(&p.tags)?,
+                    serde_json::to_string(&p.fields)?
+                ],
+            )?;
+            Ok(0)
+        }
+        Sink::Outbox => {
+            let line = p.to_line();
+            conn.execute("INSERT INTO outbox (line) VALUES (?1)", params![line])?;
+            Ok(line.len() as i64)
+        }
+    }
+}
+
+/// Rows and bytes waiting in the outbox.
+pub fn outbox_size(conn: &Connection) -> Result<(i64, i64), StoreError> {
+    Ok(conn.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(LENGTH(line)), 0) FROM outbox",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?)
 }
 
 /// Forgets replay-window entries received before `cutoff_ns`.
@@ -283,7 +334,7 @@ mod tests {
         );
         let r = commit_batch(&mut c, Sink::Embedded, &[&a, &b, &a2]).unwrap();
         assert_eq!(
-            r,
+            r.results,
             vec![
                 CommitResult::Stored,
                 CommitResult::Stored,
@@ -291,7 +342,7 @@ mod tests {
             ]
         );
         let r = commit_batch(&mut c, Sink::Embedded, &[&a3]).unwrap();
-        assert_eq!(r, vec![CommitResult::ReplayMismatch]);
+        assert_eq!(r.results, vec![CommitResult::ReplayMismatch]);
         assert_eq!(query_points(&c, Some("m"), 0, 100).unwrap().len(), 2);
         assert_eq!(expire_seen(&c, 11).unwrap(), 2);
     }
@@ -300,7 +351,9 @@ mod tests {
     fn outbox_rows_leave_only_when_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = open(&dir.path().join("t.db")).unwrap();
-        commit_batch(&mut c, Sink::Outbox, &[&commit("a", 1), &commit("b", 1)]).unwrap();
+        let done = commit_batch(&mut c, Sink::Outbox, &[&commit("a", 1), &commit("b", 1)]).unwrap();
+        assert_eq!((done.outbox_rows, done.outbox_bytes), (2, 20));
+        assert_eq!(outbox_size(&c).unwrap(), (2, 20));
         let rows = outbox_batch(&c, 10).unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].1, "m v=1.0 10");

@@ -582,7 +582,7 @@ fn influxdb_mode_ships_to_victoriametrics_and_survives_an_outage() {
     // The store goes away: points wait in the outbox and arrive when it is back.
     vm.stop();
     send(30, 50);
-    hub.wait_for_log("InfluxDB write failed", WAIT);
+    hub.wait_for_log("store write failed", WAIT);
     vm.start_again();
     let series = vm.wait_for_samples("telemetry_seq", 50, Duration::from_secs(60));
     let mut seqs: Vec<f64> = series.iter().flat_map(|s| s.values.clone()).collect();
