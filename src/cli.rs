@@ -38,6 +38,8 @@ pub struct SendPlan {
     pub qos: u8,
     /// Put the message number into this payload member (object payloads).
     pub seq_field: Option<String>,
+    /// The first message number.
+    pub seq_start: u64,
     /// Print progress on stderr.
     pub progress: bool,
 }
@@ -163,7 +165,7 @@ pub async fn send(plan: SendPlan) -> Result<SendSummary, String> {
         }
         let mut payload = plan.payload.clone();
         if let (Some(f), Value::Object(m)) = (&plan.seq_field, &mut payload) {
-            m.insert(f.clone(), Value::from(i));
+            m.insert(f.clone(), Value::from(plan.seq_start + i));
         }
         let id = uuid::Uuid::new_v4().to_string();
         let packed = pack_post(&plan.device, &plan.to, &id, payload, plan.mode, now_secs()).await?;

@@ -87,6 +87,9 @@ enum Command {
         /// Put the post's number into this payload member (object payloads).
         #[arg(long)]
         seq_field: Option<String>,
+        /// The first number for --seq-field.
+        #[arg(long, default_value_t = 0)]
+        seq_start: u64,
     },
     /// Show stored points from the embedded store.
     Query {
@@ -260,6 +263,7 @@ async fn real_main(cli: Cli) -> ExitCode {
             rate,
             qos,
             seq_field,
+            seq_start,
         } => {
             let device = match didhub::did::Identity::load(&identity) {
                 Ok(d) => d,
@@ -306,6 +310,7 @@ async fn real_main(cli: Cli) -> ExitCode {
                 rate,
                 qos,
                 seq_field,
+                seq_start,
                 progress: count > 1,
             };
             match didhub::cli::send(plan).await {

@@ -179,11 +179,32 @@ pub struct Rejection {
     pub sender_verified: bool,
 }
 
+/// Most characters of one report argument: device-chosen text (a DID, a type) is clipped so
+/// the hub never signs and echoes kilobytes an attacker chose.
+const MAX_ARG_CHARS: usize = 200;
+
+/// Clips `s` to [`MAX_ARG_CHARS`] and escapes control characters.
+pub fn clip(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(MAX_ARG_CHARS + 8));
+    for (i, c) in s.chars().enumerate() {
+        if i == MAX_ARG_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl Rejection {
     fn new(code: Code, reason: impl Into<String>) -> Self {
         Rejection {
             code,
-            args: vec![reason.into()],
+            args: vec![clip(&reason.into())],
             id: None,
             thid: None,
             sender: None,
@@ -206,7 +227,7 @@ impl Rejection {
     pub fn of_accepted(a: &Accepted, code: Code, args: Vec<String>) -> Self {
         Rejection {
             code,
-            args,
+            args: args.iter().map(|a| clip(a)).collect(),
             id: Some(a.id.clone()),
             thid: Some(a.thid.clone()),
             sender: a.sender.clone(),
@@ -448,7 +469,12 @@ impl Verifier {
         .map_err(|e| {
             let detail = e.to_string();
             let code = match e.kind() {
-                _ if detail.contains("not a valid JWE, JWS or JWM") => Code::InvalidMessage,
+                // The envelope verified but the plaintext inside is not a DIDComm message.
+                _ if detail.contains("not a valid JWE, JWS or JWM")
+                    || detail.contains("`typ` must be") =>
+                {
+                    Code::InvalidMessage
+                }
                 _ if kind == Envelope::Plaintext => Code::InvalidMessage,
                 ErrorKind::DIDNotResolved | ErrorKind::DIDUrlNotFound => Code::NotAuthenticated,
                 _ => Code::Crypto,
@@ -540,7 +566,7 @@ impl Verifier {
 
         if msg.type_ != POST_TYPE {
             return Err(with_sender(Rejection {
-                args: vec![msg.type_.clone()],
+                args: vec![clip(&msg.type_)],
                 ..Rejection::new(Code::UnsupportedMessage, "")
             }));
         }
