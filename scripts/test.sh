@@ -17,6 +17,8 @@ declare -A PACKAGE_OF=(
   [mosquitto_pub]=mosquitto-clients
   [victoria-metrics]=victoria-metrics
   [stdbuf]=coreutils
+  [systemd-analyze]=systemd
+  [docker-compose]=docker-compose
 )
 
 missing_packages() {
