@@ -10,6 +10,7 @@ use crate::config::{Config, StoreKind};
 use crate::did::{DidMethod, Identity};
 use crate::mqtt::{self, Backoff, Link};
 use crate::pipeline::{self, Committer, Shared, Stats};
+use crate::reload::Reload;
 use crate::ship::{ShipStats, Shipper};
 use crate::store::{self, Sink};
 
@@ -83,6 +84,16 @@ pub async fn run(
     shutdown: CancellationToken,
     stats: Arc<Stats>,
 ) -> Result<(), RunError> {
+    run_with(cfg, shutdown, stats, None).await
+}
+
+/// [`run`], reloading routes and the device registry on each request of `reload` (SIGHUP).
+pub async fn run_with(
+    cfg: Config,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+    reload: Option<Reload>,
+) -> Result<(), RunError> {
     let (identity, created) = load_or_create_identity(&cfg)?;
     if created {
         tracing::info!(did = %identity.did, path = %cfg.identity_path().display(), "created the hub identity");
@@ -117,7 +128,7 @@ pub async fn run(
     };
 
     let shared = Arc::new(Shared::from_config(&cfg, identity, stats.clone()));
-    let subscriptions = shared.routing.subscriptions();
+    let subscriptions: mqtt::Subscriptions = Arc::new(Mutex::new(shared.routing().subscriptions()));
 
     // Shipper (InfluxDB mode).
     let outbox_notify = Arc::new(tokio::sync::Notify::new());
@@ -147,6 +158,8 @@ pub async fn run(
             );
             match tokio::time::timeout(Duration::from_secs(5), client.health()).await {
                 Ok(Ok(h)) => {
+                    // Readiness and STATUS= report the store as reachable until a write fails.
+                    ship_stats.store_ok.store(true, Ordering::Relaxed);
                     tracing::info!(url = %icfg.url, status = ?h.status, "InfluxDB answers")
                 }
                 Ok(Err(e)) => {
@@ -186,6 +199,7 @@ pub async fn run(
     let (work_tx, work_rx) = flume::bounded(cfg.pipeline.queue);
     let (settled_tx, settled_rx) = flume::bounded(cfg.pipeline.queue);
     let stats_tx = work_tx.clone();
+    let heartbeat_tx = work_tx.clone();
     let worker_handles = pipeline::spawn_workers(workers, shared.clone(), in_rx, work_tx);
     let outbox_full = Arc::new(AtomicBool::new(false));
     let committer_stop = Arc::new(AtomicBool::new(false));
@@ -221,7 +235,46 @@ pub async fn run(
     ));
     let acker = tokio::spawn(mqtt::acker(settled_rx, client.clone(), stats.clone()));
 
-    let topics: Vec<&str> = subscriptions.iter().map(|(t, _)| t.as_str()).collect();
+    // Metrics, health and systemd read the same counters.
+    let stopping = Arc::new(AtomicBool::new(false));
+    let sources = crate::metrics::Sources {
+        stats: stats.clone(),
+        ship: ship_stats.clone(),
+        link: link.clone(),
+        shared: shared.clone(),
+        outbox_full: outbox_full.clone(),
+        stopping: stopping.clone(),
+        store: cfg.store.kind,
+        broker: cfg.mqtt.url.clone(),
+    };
+    let http_stop = CancellationToken::new();
+    let http = match cfg.http.addr()? {
+        Some(addr) => crate::http::start(addr, sources.clone(), http_stop.clone()),
+        None => None,
+    };
+    let supervisor = tokio::spawn(crate::systemd::supervise(
+        sources,
+        heartbeat_tx,
+        cfg.stats_interval,
+        shutdown.clone(),
+    ));
+    let reloader = reload.map(|r| {
+        tokio::spawn(crate::reload::watch(
+            r,
+            cfg.clone(),
+            shared.clone(),
+            client.clone(),
+            subscriptions.clone(),
+            shutdown.clone(),
+        ))
+    });
+
+    let topics: Vec<String> = subscriptions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(t, _)| t.clone())
+        .collect();
     tracing::info!(
         did = %hub_did,
         broker = %cfg.mqtt.url,
@@ -280,8 +333,14 @@ pub async fn run(
     };
 
     shutdown.cancelled().await;
+    stopping.store(true, Ordering::Relaxed);
     committer_stop.store(true, Ordering::Relaxed);
     let _ = stats_task.await;
+    // Sends STOPPING=1 and drops its sender into the committer's queue.
+    let _ = supervisor.await;
+    if let Some(r) = reloader {
+        let _ = r.await;
+    }
     tracing::info!(timeout = ?cfg.pipeline.shutdown_timeout, "stopping: ingest closed, draining the pipeline");
     let deadline = tokio::time::Instant::now() + cfg.pipeline.shutdown_timeout;
 
@@ -318,7 +377,12 @@ pub async fn run(
     summary.abort();
     if let Some((shipper, handle)) = shipper {
         ship_stop.cancel();
-        let _ = handle.await;
+        // A write in flight is not cancel-aware: bound the wait by the deadline. A batch cut
+        // off here is re-sent after the next start (same series and time: idempotent).
+        let abort = handle.abort_handle();
+        if tokio::time::timeout_at(deadline, handle).await.is_err() {
+            abort.abort();
+        }
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if tokio::time::timeout(remaining.max(Duration::from_secs(1)), shipper.flush())
             .await
@@ -334,6 +398,10 @@ pub async fn run(
             dead_letters = ship_stats.dead.load(Ordering::Relaxed),
             "shipper stopped"
         );
+    }
+    http_stop.cancel();
+    if let Some(h) = http {
+        let _ = h.await;
     }
     tracing::info!("stopped: {}", stats.summary());
     Ok(())

@@ -111,6 +111,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The HTTP listener for `/metrics`, `/healthz` and `/readyz`.
+    #[serde(default)]
+    pub http: HttpConfig,
     /// Routes: which topics, which trust, how to map.
     #[serde(default)]
     pub routes: Vec<Route>,
@@ -551,6 +554,45 @@ impl Default for ReportsConfig {
     }
 }
 
+/// `[http]`: metrics and health.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `ip:port` of the listener; an empty string turns it off.
+    #[serde(default = "default_http_listen")]
+    pub listen: String,
+}
+
+fn default_http_listen() -> String {
+    "127.0.0.1:9184".into()
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_http_listen(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The address to listen on, `None` when off.
+    pub fn addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        let listen = self.listen.trim();
+        if listen.is_empty() {
+            return Ok(None);
+        }
+        listen.parse().map(Some).map_err(|_| {
+            invalid(
+                "http.listen",
+                format!(
+                    "`{listen}` is not ip:port, e.g. \"127.0.0.1:9184\" (or \"\" to turn the listener off)"
+                ),
+            )
+        })
+    }
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -799,6 +841,7 @@ impl Config {
         if self.pipeline.queue == 0 {
             return Err(invalid("pipeline.queue", "must be at least 1"));
         }
+        self.http.addr()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid(
                 "log.format",
@@ -940,6 +983,23 @@ mod tests {
         assert!(e.to_string().contains("routes"), "{e}");
         let e = parse(&format!("{MIN}[mqtt]\nclient_id = \"\"\n")).unwrap_err();
         assert!(e.to_string().contains("mqtt.client_id"), "{e}");
+    }
+
+    #[test]
+    fn http_listen_parses_or_turns_off() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(
+            c.http.addr().unwrap(),
+            Some("127.0.0.1:9184".parse().unwrap())
+        );
+        let c = parse(&format!("{MIN}[http]\nlisten = \"\"\n")).unwrap();
+        assert_eq!(c.http.addr().unwrap(), None);
+        let c = parse(&format!("{MIN}[http]\nlisten = \"[::1]:9000\"\n")).unwrap();
+        assert_eq!(c.http.addr().unwrap(), Some("[::1]:9000".parse().unwrap()));
+        let e = parse(&format!("{MIN}[http]\nlisten = \"localhost\"\n")).unwrap_err();
+        assert!(e.to_string().contains("http.listen"), "{e}");
+        let e = parse(&format!("{MIN}[http]\nlisten_on = \"x\"\n")).unwrap_err();
+        assert!(e.to_string().contains("listen_on"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,10 @@
 //! - [`mqtt`]: rumqttc poll task with backoff, and the in-order acker.
 //! - [`ship`]: outbox → InfluxDB `/api/v2/write`, delete only after acceptance.
 //! - [`stats`]: the hub's own counters as `didhub_stats` points.
+//! - [`metrics`]: Prometheus metrics (names in one place) and readiness, read at scrape time.
+//! - [`http`]: the `/metrics`, `/healthz`, `/readyz` listener.
+//! - [`systemd`]: `Type=notify`: READY, STATUS, a watchdog fed by the committer's heartbeat.
+//! - [`reload`]: SIGHUP: new routes and device registry without a restart.
 //! - [`app`]: `run()`: wiring and ordered shutdown.
 //! - [`cli`]: the device-side `send` and the operator's `query`.
 //! - `broker`: the embedded rumqttd broker (feature `embedded-broker`).
@@ -27,12 +31,16 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod did;
+pub mod http;
 pub mod mapping;
+pub mod metrics;
 pub mod mqtt;
 pub mod pipeline;
+pub mod reload;
 pub mod ship;
 pub mod stats;
 pub mod store;
+pub mod systemd;
 pub mod verify;
 
 /// Now, in nanoseconds since the Unix epoch.

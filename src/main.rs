@@ -238,9 +238,16 @@ async fn real_main(cli: Cli) -> ExitCode {
             };
             init_tracing(Some(&cfg));
             let shutdown = CancellationToken::new();
-            tokio::spawn(signals(shutdown.clone()));
+            // Capacity 1: SIGHUPs that arrive during a reload coalesce into one more.
+            let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+            tokio::spawn(signals(shutdown.clone(), reload_tx));
+            let path = cli.config.clone();
+            let reload = didhub::reload::Reload {
+                requests: reload_rx,
+                load: Box::new(move || Config::load(&path, &env_pairs())),
+            };
             let stats = Arc::new(didhub::pipeline::Stats::default());
-            match didhub::app::run(cfg, shutdown, stats).await {
+            match didhub::app::run_with(cfg, shutdown, stats, Some(reload)).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e @ didhub::app::RunError::Config(_)) => {
                     tracing::error!("{e}");
@@ -388,18 +395,25 @@ async fn real_main(cli: Cli) -> ExitCode {
     }
 }
 
-async fn signals(shutdown: CancellationToken) {
+async fn signals(shutdown: CancellationToken, reload: tokio::sync::mpsc::Sender<()>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                // Full: a reload is already pending and will read the newest file.
+                let _ = reload.try_send(());
+            }
+        }
     }
     tracing::info!("stop requested; a second signal exits at once");
     shutdown.cancel();

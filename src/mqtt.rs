@@ -6,12 +6,13 @@
 //! error the task backs off (capped exponential with jitter) and re-subscribes when the broker
 //! reports no saved session.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 
 use crate::config::{ConfigError, MqttConfig};
 use crate::pipeline::{Inbound, Reorder, Settled, Stats};
@@ -90,13 +91,29 @@ pub struct Link {
     pub reconnects: AtomicU64,
 }
 
+/// The subscriptions (filter, qos) the poll task makes on a fresh session; a reload
+/// replaces them.
+pub type Subscriptions = Arc<Mutex<Vec<(String, u8)>>>;
+
+/// Subscribes to `filter` without waiting (the request goes out with the next poll).
+pub fn subscribe(client: &AsyncClient, filter: &str, qos: u8) {
+    let q = if qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    if let Err(e) = client.try_subscribe(filter, q) {
+        tracing::error!(filter = %filter, error = %e, "could not subscribe");
+    }
+}
+
 /// The poll task. Stops forwarding when `input` is emptied (shutdown); returns when the
 /// client disconnects.
 #[allow(clippy::too_many_arguments)]
 pub async fn poll_loop(
     mut eventloop: EventLoop,
     client: AsyncClient,
-    subscriptions: Vec<(String, u8)>,
+    subscriptions: Subscriptions,
     input: Arc<Mutex<Option<flume::Sender<Inbound>>>>,
     stats: Arc<Stats>,
     link: Arc<Link>,
@@ -121,15 +138,12 @@ pub async fn poll_loop(
                 let subscribe = !ever_connected || !ack.session_present;
                 ever_connected = true;
                 if subscribe {
-                    for (filter, qos) in &subscriptions {
-                        let q = if *qos == 0 {
-                            QoS::AtMostOnce
-                        } else {
-                            QoS::AtLeastOnce
-                        };
-                        if let Err(e) = client.try_subscribe(filter.clone(), q) {
-                            tracing::error!(filter = %filter, error = %e, "could not subscribe");
-                        }
+                    let subs = subscriptions
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone();
+                    for (filter, qos) in &subs {
+                        self::subscribe(&client, filter, *qos);
                     }
                 }
             }
@@ -150,7 +164,12 @@ pub async fn poll_loop(
                     continue;
                 };
                 let topic = p.topic.clone();
-                let ack = (p.qos != QoS::AtMostOnce).then(|| p.clone());
+                // The ack needs only the packet id and QoS: do not hold the payload twice.
+                let ack = (p.qos != QoS::AtMostOnce).then(|| {
+                    let mut a = p.clone();
+                    a.payload = bytes::Bytes::new();
+                    a
+                });
                 let inbound = Inbound {
                     seq,
                     topic,
@@ -184,19 +203,59 @@ pub async fn poll_loop(
 }
 
 /// The acker: publishes reports, then acknowledges, in receive order.
+///
+/// It never waits on rumqttc's request channel: the poll task may itself be waiting for room in
+/// the pipeline, and the pipeline for this task (a cycle that deadlocks under a large
+/// redelivered backlog). Acks that do not fit are kept, in order, and retried shortly.
 pub async fn acker(rx: flume::Receiver<Settled>, client: AsyncClient, stats: Arc<Stats>) {
     let mut reorder = Reorder::new(0);
-    while let Ok(s) = rx.recv_async().await {
+    let mut waiting: VecDeque<Publish> = VecDeque::new();
+    let mut open = true;
+    while open || !waiting.is_empty() {
+        flush_acks(&client, &stats, &mut waiting);
+        let next = if waiting.is_empty() {
+            rx.recv_async().await.ok()
+        } else if open {
+            tokio::select! {
+                r = rx.recv_async() => r.ok(),
+                _ = tokio::time::sleep(Duration::from_millis(2)) => continue,
+            }
+        } else {
+            // Closed: only the held acks remain; the poll task is no longer blocked.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        };
+        let Some(s) = next else {
+            open = false;
+            for s in reorder.drain() {
+                settle(&client, &stats, s, &mut waiting);
+            }
+            continue;
+        };
         for s in reorder.push(s) {
-            settle(&client, &stats, s).await;
+            settle(&client, &stats, s, &mut waiting);
         }
-    }
-    for s in reorder.drain() {
-        settle(&client, &stats, s).await;
     }
 }
 
-async fn settle(client: &AsyncClient, stats: &Stats, s: Settled) {
+fn flush_acks(client: &AsyncClient, stats: &Stats, waiting: &mut VecDeque<Publish>) {
+    while let Some(p) = waiting.front() {
+        match client.try_ack(p) {
+            Ok(()) => {
+                stats.acked.fetch_add(1, Ordering::Relaxed);
+                waiting.pop_front();
+            }
+            Err(rumqttc::ClientError::TryRequest(_)) => return,
+            Err(_) => {
+                // The event loop is gone (stopping): the broker redelivers what is unacked.
+                waiting.clear();
+                return;
+            }
+        }
+    }
+}
+
+fn settle(client: &AsyncClient, stats: &Stats, s: Settled, waiting: &mut VecDeque<Publish>) {
     if let Some(r) = s.report {
         match client.try_publish(
             r.topic.clone(),
@@ -214,9 +273,9 @@ async fn settle(client: &AsyncClient, stats: &Stats, s: Settled) {
         }
     }
     if let Some(p) = s.ack {
-        if client.ack(&p).await.is_ok() {
-            stats.acked.fetch_add(1, Ordering::Relaxed);
-        }
+        // In receive order: behind any ack still waiting.
+        waiting.push_back(p);
+        flush_acks(client, stats, waiting);
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -86,6 +86,13 @@ pub struct Stats {
     pub verify_nanos: AtomicU64,
     /// Messages verified.
     pub verify_count: AtomicU64,
+    /// Per-message verification time.
+    pub verify_seconds: crate::metrics::SecondsHistogram,
+    /// Messages per commit transaction.
+    pub commit_batch_size: crate::metrics::SizeHistogram,
+    /// Committer loop turns (batches, heartbeats, budget waits): the systemd watchdog pings
+    /// only while this advances.
+    pub heartbeats: AtomicU64,
 }
 
 impl Stats {
@@ -339,8 +346,8 @@ pub fn fill_template(template: &str, topic: &str, did: Option<&str>) -> String {
 pub struct Shared {
     /// The façade.
     pub verifier: Verifier,
-    /// Routes and registry.
-    pub routing: Routing,
+    /// Routes and registry; replaced whole on reload (see [`Shared::routing`]).
+    routing: RwLock<Arc<Routing>>,
     /// Report limits.
     pub limiter: RateLimiter,
     /// Counters.
@@ -375,6 +382,8 @@ pub enum Work {
     Done(Settled),
     /// A point of the hub's own (statistics): committed, nothing to acknowledge.
     Internal(crate::mapping::Point),
+    /// Makes the committer turn once when idle, so its heartbeat advances (systemd watchdog).
+    Heartbeat,
 }
 
 fn now_secs() -> u64 {
@@ -397,7 +406,7 @@ impl Shared {
         );
         Shared {
             verifier,
-            routing: Routing::new(cfg),
+            routing: RwLock::new(Arc::new(Routing::new(cfg))),
             limiter: RateLimiter::new(
                 cfg.reports.per_sender_per_second,
                 cfg.reports.per_sender_burst,
@@ -415,11 +424,27 @@ impl Shared {
         }
     }
 
+    /// The routing in force now. A message is processed wholly under the routing it started
+    /// with, so a reload never splits one.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts `new` in force for every message processed from now on; returns the old one.
+    pub fn replace_routing(&self, new: Routing) -> Arc<Routing> {
+        let mut g = self.routing.write().unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *g, Arc::new(new))
+    }
+
     /// Verifies and maps one message (runs on a worker thread).
     pub fn process(&self, m: Inbound) -> Work {
         let span = tracing::debug_span!("msg", seq = m.seq, topic = %m.topic);
         let _g = span.enter();
-        if self.routing.is_report_topic(&m.topic) {
+        let routing = self.routing();
+        if routing.is_report_topic(&m.topic) {
             self.stats.ignored.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("ignored: the hub's own report topic");
             return Work::Done(Settled {
@@ -428,7 +453,7 @@ impl Shared {
                 report: None,
             });
         }
-        let Some(route) = self.routing.route_for(&m.topic) else {
+        let Some(route) = routing.route_for(&m.topic) else {
             self.stats.ignored.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("ignored: no route matches");
             return Work::Done(Settled {
@@ -443,9 +468,11 @@ impl Shared {
             route.route.require,
             now_secs(),
         ));
+        let took = started.elapsed();
         self.stats
             .verify_nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        self.stats.verify_seconds.observe(took);
         self.stats.verify_count.fetch_add(1, Ordering::Relaxed);
         let report_topic = |sender: Option<&str>| {
             m.response_topic
@@ -476,7 +503,7 @@ impl Shared {
         let device = accepted
             .sender
             .as_deref()
-            .and_then(|d| self.routing.devices.get(d));
+            .and_then(|d| routing.devices.get(d));
         if route.route.senders == Senders::Registry && device.is_none() {
             let r = Rejection::of_accepted(
                 &accepted,
@@ -663,6 +690,8 @@ impl Committer {
             if self.stop.load(Ordering::Relaxed) {
                 return false;
             }
+            // Waiting by design (backpressure), not stuck: keep the watchdog fed.
+            self.shared.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         self.outbox_full.store(false, Ordering::Relaxed);
@@ -731,6 +760,7 @@ impl Committer {
             let stats = self.shared.stats.clone();
             if !commits.is_empty() {
                 stats.batches.fetch_add(1, Ordering::Relaxed);
+                stats.commit_batch_size.observe(commits.len());
             }
             self.ship_stats
                 .added(committed.outbox_rows, committed.outbox_bytes);
@@ -739,6 +769,7 @@ impl Committer {
             for w in batch {
                 let settled = match w {
                     Work::Done(s) => s,
+                    Work::Heartbeat => continue,
                     Work::Internal(p) => {
                         match store::insert_point(&self.conn, self.sink, &p) {
                             Ok(bytes) if self.sink == Sink::Outbox => {
@@ -789,6 +820,7 @@ impl Committer {
                     n.notify_one();
                 }
             }
+            stats.heartbeats.fetch_add(1, Ordering::Relaxed);
             if last_expiry.elapsed() > std::time::Duration::from_secs(60) {
                 last_expiry = Instant::now();
                 let cutoff = crate::now_ns() - self.replay_window_ns;

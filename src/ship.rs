@@ -38,8 +38,12 @@ pub struct ShipStats {
     pub outbox_rows: AtomicI64,
     /// Bytes of line protocol waiting in the outbox.
     pub outbox_bytes: AtomicI64,
-    /// The store accepted the last write (or nothing was sent yet).
+    /// The store answered the start-up health check or accepted the last write.
     pub store_ok: AtomicBool,
+    /// Seconds per write request.
+    pub ship_seconds: crate::metrics::SecondsHistogram,
+    /// Failed write requests by HTTP status (or no answer).
+    pub ship_errors: crate::metrics::ErrorsByStatus,
 }
 
 impl ShipStats {
@@ -151,14 +155,21 @@ impl Shipper {
         if !self.token.is_empty() {
             req = req.header("Authorization", format!("Token {}", self.token.expose()));
         }
-        let resp = match req.send().await {
+        let started = std::time::Instant::now();
+        let sent = req.send().await;
+        self.stats.ship_seconds.observe(started.elapsed());
+        let resp = match sent {
             Ok(r) => r,
-            Err(e) => return Answer::Retry(format!("{e}"), None),
+            Err(e) => {
+                self.stats.ship_errors.connect();
+                return Answer::Retry(format!("{e}"), None);
+            }
         };
         let status = resp.status().as_u16();
         if (200..300).contains(&status) {
             return Answer::Ok;
         }
+        self.stats.ship_errors.http(status);
         let after = resp
             .headers()
             .get("retry-after")

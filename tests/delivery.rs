@@ -44,7 +44,7 @@ fn sigkill_while_receiving_loses_and_doubles_nothing() {
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = \"{}\"\n[mqtt]\nurl = \"{}\"\nclient_id = \"hub-kill\"\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n[broker]\nembedded = false\n[[routes]]\ntopics = [\"devices/+/telemetry\"]\nrequire = \"signed\"\nmeasurement = \"telemetry\"\n",
+            "state_dir = \"{}\"\n[mqtt]\nurl = \"{}\"\nclient_id = \"hub-kill\"\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n[broker]\nembedded = false\n[http]\nlisten = \"\"\n[[routes]]\ntopics = [\"devices/+/telemetry\"]\nrequire = \"signed\"\nmeasurement = \"telemetry\"\n",
             d.join("state").display(),
             mq.url()
         ),

@@ -46,6 +46,8 @@ reconnect_min = "50ms"
 reconnect_max = "1s"
 [broker]
 embedded = false
+[http]
+listen = ""
 {store}
 [reports]
 per_sender_per_second = 100.0
