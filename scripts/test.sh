@@ -19,6 +19,7 @@ declare -A PACKAGE_OF=(
   [stdbuf]=coreutils
   [systemd-analyze]=systemd
   [docker-compose]=docker-compose
+  [openssl]=openssl
 )
 
 missing_packages() {

@@ -278,6 +278,7 @@ pub async fn run_with(
     tracing::info!(
         did = %hub_did,
         broker = %cfg.mqtt.url,
+        protocol = ?cfg.mqtt.protocol,
         topics = ?topics,
         store = ?cfg.store.kind,
         workers,
@@ -362,7 +363,7 @@ pub async fn run_with(
         let _ = acker.await;
         if link.connected.load(Ordering::Relaxed) {
             // Acks are queued in rumqttc; the disconnect goes after them.
-            let _ = client.disconnect().await;
+            client.disconnect().await;
             let _ = poll.await;
         } else {
             // No broker to flush acks to: unacked messages are redelivered next session.

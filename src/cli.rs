@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
-use crate::config::{parse_mqtt_url, Config};
+use crate::config::{parse_broker_url, Config, MqttConfig, Secret, TlsConfig};
 use crate::did::Identity;
 use crate::mapping::{FieldValue, Point};
 use crate::store;
@@ -42,6 +42,28 @@ pub struct SendPlan {
     pub seq_start: u64,
     /// Print progress on stderr.
     pub progress: bool,
+}
+
+/// How `send` authenticates to the broker and secures the connection (`mqtts://` URLs).
+#[derive(Debug, Clone, Default)]
+pub struct Connection {
+    /// User name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<Secret>,
+    /// CA file, client certificate and key, server name.
+    pub tls: TlsConfig,
+}
+
+impl Connection {
+    /// The connection settings of the hub's `[mqtt]` section (password file read now).
+    pub fn from_mqtt(m: &MqttConfig) -> Result<Connection, String> {
+        Ok(Connection {
+            username: m.username.clone(),
+            password: m.resolved_password().map_err(|e| e.to_string())?,
+            tls: m.tls.clone(),
+        })
+    }
 }
 
 /// The result of `send`.
@@ -102,9 +124,30 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// Packs and publishes posts.
+/// Packs and publishes posts over a plain, anonymous connection.
 pub async fn send(plan: SendPlan) -> Result<SendSummary, String> {
-    let (host, port) = parse_mqtt_url(&plan.broker)?;
+    send_with(plan, &Connection::default()).await
+}
+
+/// Packs and publishes posts, with credentials and TLS from `conn`.
+pub async fn send_with(plan: SendPlan, conn: &Connection) -> Result<SendSummary, String> {
+    let url = parse_broker_url(&plan.broker)?;
+    let (host, port) = (url.host.clone(), url.port);
+    let transport = if url.tls {
+        let flag = |k: &str| format!("--{}", k.replace('_', "-"));
+        let tls = conn
+            .tls
+            .client_config_named(&flag)
+            .map_err(|e| e.to_string())?;
+        rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls))
+    } else if conn.tls.is_set() {
+        return Err(format!(
+            "--ca-file, --cert-file and --key-file need a TLS broker URL, mqtts://host:port (got {})",
+            plan.broker
+        ));
+    } else {
+        rumqttc::Transport::tcp()
+    };
     let client_id = format!(
         "didhub-send-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
@@ -113,8 +156,19 @@ pub async fn send(plan: SendPlan) -> Result<SendSummary, String> {
     opts.set_keep_alive(Duration::from_secs(30))
         .set_clean_session(true)
         .set_inflight(200)
-        .set_max_packet_size(256 * 1024 * 1024, 256 * 1024 * 1024);
+        .set_max_packet_size(256 * 1024 * 1024, 256 * 1024 * 1024)
+        .set_transport(transport);
+    if let Some(user) = &conn.username {
+        opts.set_credentials(
+            user.clone(),
+            conn.password
+                .as_ref()
+                .map(|p| p.expose().to_string())
+                .unwrap_or_default(),
+        );
+    }
     let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+    let broker = plan.broker.clone();
     let acked = Arc::new(AtomicU64::new(0));
     let (conn_tx, mut conn_rx) = tokio::sync::watch::channel(None::<Result<(), String>>);
     let acked2 = acked.clone();
@@ -130,7 +184,8 @@ pub async fn send(plan: SendPlan) -> Result<SendSummary, String> {
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                 Ok(_) => {}
                 Err(e) => {
-                    let _ = conn_tx.send(Some(Err(e.to_string())));
+                    let why = crate::mqtt::classify_v4(&e).describe(&broker);
+                    let _ = conn_tx.send(Some(Err(why)));
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
@@ -149,7 +204,7 @@ pub async fn send(plan: SendPlan) -> Result<SendSummary, String> {
     })
     .await
     .map_err(|_| format!("no answer from the broker {} within 10 s", plan.broker))?;
-    connected.map_err(|e| format!("cannot connect to the broker {}: {e}", plan.broker))?;
+    connected.map_err(|e| format!("cannot connect: {e}"))?;
 
     let qos = if plan.qos == 0 {
         QoS::AtMostOnce

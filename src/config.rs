@@ -6,8 +6,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use rumqttc::tokio_rustls::rustls;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::Deserialize;
 
 use crate::did::DidMethod;
@@ -177,9 +181,18 @@ impl Default for IdentityConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
-    /// `mqtt://host:port`.
+    /// `mqtt://host:port`, or `mqtts://host:port` for TLS (see `tls`).
     #[serde(default = "default_mqtt_url")]
     pub url: String,
+    /// `v3.1.1` or `v5` (MQTT 5 adds the Response Topic and session expiry).
+    #[serde(default)]
+    pub protocol: MqttProtocol,
+    /// MQTT 5: how long the broker keeps the hub's session after a disconnect.
+    #[serde(default = "default_session_expiry", with = "humantime_serde")]
+    pub session_expiry: Duration,
+    /// `[mqtt.tls]`: CA, client certificate and server name for `mqtts://` URLs.
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// Stable client id: the broker keeps the hub's session under it.
     #[serde(default = "default_client_id")]
     pub client_id: String,
@@ -218,6 +231,9 @@ fn default_client_id() -> String {
 fn default_keep_alive() -> Duration {
     Duration::from_secs(30)
 }
+fn default_session_expiry() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
 fn default_inflight() -> u16 {
     100
 }
@@ -232,6 +248,9 @@ impl Default for MqttConfig {
     fn default() -> Self {
         Self {
             url: default_mqtt_url(),
+            protocol: MqttProtocol::default(),
+            session_expiry: default_session_expiry(),
+            tls: TlsConfig::default(),
             client_id: default_client_id(),
             username: None,
             password: None,
@@ -245,10 +264,239 @@ impl Default for MqttConfig {
     }
 }
 
+/// The MQTT protocol version the hub speaks.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum MqttProtocol {
+    /// MQTT 3.1.1.
+    #[default]
+    #[serde(rename = "v3.1.1")]
+    V311,
+    /// MQTT 5.
+    #[serde(rename = "v5")]
+    V5,
+}
+
+/// `[mqtt.tls]`: used with `mqtts://` URLs.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM bundle of the CAs that may sign the broker's certificate (default: the system's).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for brokers that require one (mTLS).
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The name the broker's certificate must carry, when it is not the URL's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+impl TlsConfig {
+    /// Whether any key is set.
+    pub fn is_set(&self) -> bool {
+        *self != TlsConfig::default()
+    }
+
+    /// Reads and checks the files and builds the rustls client configuration; errors name the
+    /// key (`prefix` + `.ca_file`, …) and the path.
+    pub fn client_config(&self, prefix: &str) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+        self.client_config_named(&|k| format!("{prefix}.{k}"))
+    }
+
+    /// Like [`client_config`](Self::client_config), with errors naming the setting `key(name)`
+    /// (command-line flags, say).
+    pub fn client_config_named(
+        &self,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_file {
+            Some(path) => {
+                let certs = read_pem_certs(path, &key("ca_file"))?;
+                let (_, bad) = roots.add_parsable_certificates(certs);
+                if roots.is_empty() {
+                    return Err(invalid(
+                        key("ca_file"),
+                        format!(
+                            "{}: none of its {bad} certificate(s) is a usable CA certificate",
+                            path.display()
+                        ),
+                    ));
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(found.certs);
+                if roots.is_empty() {
+                    return Err(invalid(
+                        key("ca_file"),
+                        "not set, and no system CA certificates were found (Debian package \
+                         `ca-certificates`): set it to the PEM file of the CA that signed the \
+                         broker's certificate",
+                    ));
+                }
+            }
+        }
+        let server_name = match &self.server_name {
+            None => None,
+            Some(name) => Some(
+                ServerName::try_from(name.clone())
+                    .map_err(|_| {
+                        invalid(
+                            key("server_name"),
+                            format!("`{name}` is not a DNS name or an IP address"),
+                        )
+                    })?
+                    .to_owned(),
+            ),
+        };
+        let roots = Arc::new(roots);
+        let builder = match server_name {
+            None => rustls::ClientConfig::builder().with_root_certificates(roots),
+            Some(name) => {
+                let inner = rustls::client::WebPkiServerVerifier::builder(roots)
+                    .build()
+                    .map_err(|e| invalid(key("ca_file"), e.to_string()))?;
+                rustls::ClientConfig::builder()
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(FixedServerName { inner, name }))
+            }
+        };
+        let config = match (&self.cert_file, &self.key_file) {
+            (None, None) => builder.with_no_client_auth(),
+            (Some(_), None) => {
+                return Err(invalid(
+                    key("key_file"),
+                    format!(
+                        "{} is set but {} is not: a client certificate needs its private key",
+                        key("cert_file"),
+                        key("key_file")
+                    ),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    key("cert_file"),
+                    format!(
+                        "{} is set but {} is not: a private key needs its client certificate",
+                        key("key_file"),
+                        key("cert_file")
+                    ),
+                ))
+            }
+            (Some(cert), Some(pkey)) => {
+                let chain = read_pem_certs(cert, &key("cert_file"))?;
+                let private = read_pem_key(pkey, &key("key_file"))?;
+                builder.with_client_auth_cert(chain, private).map_err(|e| {
+                    invalid(
+                        key("key_file"),
+                        format!("{} does not fit {}: {e}", pkey.display(), cert.display()),
+                    )
+                })?
+            }
+        };
+        Ok(Arc::new(config))
+    }
+}
+
+fn read_pem(path: &Path, key: &str) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| {
+        invalid(
+            key,
+            format!(
+                "cannot read {}: {e}; check the path and its permissions",
+                path.display()
+            ),
+        )
+    })
+}
+
+fn read_pem_certs(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let bytes = read_pem(path, key)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(key, format!("{} is not valid PEM: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(invalid(
+            key,
+            format!(
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(certs)
+}
+
+fn read_pem_key(path: &Path, key: &str) -> Result<PrivateKeyDer<'static>, ConfigError> {
+    let bytes = read_pem(path, key)?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
+        invalid(
+            key,
+            format!(
+                "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
+                path.display()
+            ),
+        )
+    })
+}
+
+/// Checks the broker's certificate against `server_name` instead of the URL's host (a broker
+/// reached by IP address or through a tunnel whose certificate names its DNS name).
+#[derive(Debug)]
+struct FixedServerName {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for FixedServerName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 impl MqttConfig {
     /// Host and port of `url`.
     pub fn host_port(&self) -> Result<(String, u16), ConfigError> {
-        parse_mqtt_url(&self.url).map_err(|m| invalid("mqtt.url", m))
+        self.broker_url().map(|u| (u.host, u.port))
+    }
+
+    /// `url`, parsed.
+    pub fn broker_url(&self) -> Result<BrokerUrl, ConfigError> {
+        parse_broker_url(&self.url).map_err(|m| invalid("mqtt.url", m))
     }
 
     /// The password from `password` or `password_file`.
@@ -261,29 +509,74 @@ impl MqttConfig {
             Some(path) => read_secret_file(path, "mqtt.password_file").map(Some),
         }
     }
+
+    /// The rustls configuration for an `mqtts://` URL (reads the `[mqtt.tls]` files), `None`
+    /// for `mqtt://`.
+    pub fn tls_client_config(&self) -> Result<Option<Arc<rustls::ClientConfig>>, ConfigError> {
+        if self.broker_url()?.tls {
+            self.tls.client_config("mqtt.tls").map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// A parsed broker URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// Host name or IP address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// `mqtts://`: TLS.
+    pub tls: bool,
 }
 
 /// Parses `mqtt://host:port` (port defaults to 1883).
 pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://")).ok_or_else(
-        || format!("`{url}` is not an MQTT URL: write it as mqtt://host:port (mqtts is not supported yet)"),
-    )?;
+    parse_broker_url(url).map(|u| (u.host, u.port))
+}
+
+/// Parses `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (TLS, default
+/// port 8883).
+pub fn parse_broker_url(url: &str) -> Result<BrokerUrl, String> {
+    let (rest, tls) = if let Some(r) = url
+        .strip_prefix("mqtts://")
+        .or_else(|| url.strip_prefix("ssl://"))
+    {
+        (r, true)
+    } else if let Some(r) = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+    {
+        (r, false)
+    } else {
+        return Err(format!(
+            "`{url}` is not an MQTT URL: write it as mqtt://host:port, or mqtts://host:port for TLS"
+        ));
+    };
     let rest = rest.trim_end_matches('/');
+    let default_port = if tls { 8883 } else { 1883 };
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) => (
             h,
             p.parse::<u16>()
                 .map_err(|_| format!("`{p}` in `{url}` is not a port number"))?,
         ),
-        None => (rest, 1883),
+        None => (rest, default_port),
     };
     if host.is_empty() {
         return Err(format!("`{url}` has no host"));
     }
-    Ok((host.to_string(), port))
+    Ok(BrokerUrl {
+        host: host.to_string(),
+        port,
+        tls,
+    })
 }
 
-fn read_secret_file(path: &Path, key: &str) -> Result<Secret, ConfigError> {
+/// Reads the first line of a secret file (password, token); errors name `key` and the path.
+pub fn read_secret_file(path: &Path, key: &str) -> Result<Secret, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         invalid(
             key,
@@ -766,7 +1059,34 @@ impl Config {
 
     /// Pure checks of everything rumqttc or the pipeline would otherwise fail on later.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.mqtt.host_port()?;
+        let url = self.mqtt.broker_url()?;
+        if url.tls {
+            // Reads the CA, certificate and key now: a wrong path or a bad PEM is a config
+            // error (exit 78), not a connection that keeps failing.
+            self.mqtt.tls.client_config("mqtt.tls")?;
+        } else if self.mqtt.tls.is_set() {
+            return Err(invalid(
+                "mqtt.tls",
+                format!(
+                    "is set but mqtt.url `{}` is not TLS: write it as mqtts://host:port (default port 8883)",
+                    self.mqtt.url
+                ),
+            ));
+        }
+        if self.mqtt.protocol == MqttProtocol::V5 {
+            if self.mqtt.session_expiry.as_secs() > u64::from(u32::MAX) {
+                return Err(invalid(
+                    "mqtt.session_expiry",
+                    "must be at most 136y (MQTT 5 counts it in seconds, 32 bits)",
+                ));
+            }
+            if !self.mqtt.clean_session && self.mqtt.session_expiry.as_secs() == 0 {
+                return Err(invalid(
+                    "mqtt.session_expiry",
+                    "is 0 with clean_session = false: in MQTT 5 the broker would drop the hub's session (and its backlog) at each disconnect; set e.g. \"1d\"",
+                ));
+            }
+        }
         if self.mqtt.client_id.trim().is_empty() {
             return Err(invalid(
                 "mqtt.client_id",
@@ -1026,6 +1346,62 @@ mod tests {
             "{dbg}"
         );
         assert!(dbg.contains("***"));
+    }
+
+    #[test]
+    fn broker_urls_and_tls_keys() {
+        let u = parse_broker_url("mqtts://broker.example").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.tls),
+            ("broker.example", 8883, true)
+        );
+        let u = parse_broker_url("mqtt://10.0.0.1").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.tls), ("10.0.0.1", 1883, false));
+        let u = parse_broker_url("mqtts://h:9999/").unwrap();
+        assert_eq!((u.port, u.tls), (9999, true));
+        assert!(parse_broker_url("https://h").is_err());
+        // [mqtt.tls] on a plain URL is a mistake worth stopping for.
+        let e = parse(&format!(
+            "{MIN}[mqtt]\nurl = \"mqtt://h\"\n[mqtt.tls]\nserver_name = \"h\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("mqtts://"), "{e}");
+        let e = parse(&format!("{MIN}[mqtt.tls]\nca_flie = \"x\"\n")).unwrap_err();
+        assert!(e.to_string().contains("ca_flie"), "{e}");
+        let e = parse(&format!(
+            "{MIN}[mqtt]\nurl = \"mqtts://h\"\n[mqtt.tls]\nca_file = \"/nonexistent/ca.pem\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("mqtt.tls.ca_file")
+                && e.to_string().contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn protocol_and_session_expiry() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.mqtt.protocol, MqttProtocol::V311);
+        assert_eq!(c.mqtt.session_expiry, Duration::from_secs(86400));
+        let c = parse(&format!(
+            "{MIN}[mqtt]\nprotocol = \"v5\"\nsession_expiry = \"2h\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.mqtt.protocol, MqttProtocol::V5);
+        assert_eq!(c.mqtt.session_expiry, Duration::from_secs(7200));
+        let e = parse(&format!(
+            "{MIN}[mqtt]\nprotocol = \"v5\"\nsession_expiry = \"0s\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("mqtt.session_expiry"), "{e}");
+        // A clean session needs no expiry.
+        parse(&format!(
+            "{MIN}[mqtt]\nprotocol = \"v5\"\nclean_session = true\nsession_expiry = \"0s\"\n"
+        ))
+        .unwrap();
+        let e = parse(&format!("{MIN}[mqtt]\nprotocol = \"5\"\n")).unwrap_err();
+        assert!(e.to_string().contains("protocol"), "{e}");
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! - [`mapping`]: pure payload → point mapping and line protocol.
 //! - [`pipeline`]: the stages between ingest and ack, counters, report rate limits.
 //! - [`store`]: SQLite (WAL) with group commit and the replay window.
-//! - [`mqtt`]: rumqttc poll task with backoff, and the in-order acker.
+//! - [`mqtt`]: rumqttc poll task (MQTT 3.1.1 or 5, TLS/mTLS) with backoff, and the in-order acker.
 //! - [`ship`]: outbox → InfluxDB `/api/v2/write`, delete only after acceptance.
 //! - [`stats`]: the hub's own counters as `didhub_stats` points.
 //! - [`metrics`]: Prometheus metrics (names in one place) and readiness, read at scrape time.
@@ -23,9 +23,11 @@
 //! - [`reload`]: SIGHUP: new routes and device registry without a restart.
 //! - [`app`]: `run()`: wiring and ordered shutdown.
 //! - [`cli`]: the device-side `send` and the operator's `query`.
+//! - [`bench`]: `didhub bench`, the load generator and in-process pipeline benchmark.
 //! - `broker`: the embedded rumqttd broker (feature `embedded-broker`).
 
 pub mod app;
+pub mod bench;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod cli;

@@ -5,23 +5,42 @@
 //! Acks are manual: the acker sends them in receive order after the commit. After a connection
 //! error the task backs off (capped exponential with jitter) and re-subscribes when the broker
 //! reports no saved session.
+//!
+//! MQTT 3.1.1 and MQTT 5 are rumqttc's two client types; [`Client`] and [`EventLoop`] wrap
+//! either, and the poll task sees one reduced event type, so the acker, the reloader and the
+//! app are protocol-agnostic. MQTT 5 adds the publish's Response Topic (reports go there) and
+//! session expiry. TLS (rustls) is a transport of either, built from `[mqtt.tls]`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use rand::Rng;
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use rumqttc::tokio_rustls::rustls;
+use rumqttc::{v5, AsyncClient, ConnectionError, MqttOptions, Publish, QoS, Transport};
 
-use crate::config::{ConfigError, MqttConfig};
+use crate::config::{ConfigError, MqttConfig, MqttProtocol};
 use crate::pipeline::{Inbound, Reorder, Settled, Stats};
 
 /// rumqttc's request channel: acks and reports wait here for the poll task. Larger than any
 /// broker's in-flight window, so an ack never waits for long.
 const REQUEST_CAPACITY: usize = 8192;
 
-/// Builds the client options from config.
+/// An oversize publish must reach the verifier (and get its report): a client-side limit
+/// would drop the connection and the broker would redeliver it forever.
+const MAX_PACKET: u32 = 256 * 1024 * 1024;
+
+/// The transport for `cfg.url`: TCP, or TLS with the `[mqtt.tls]` files.
+pub fn transport(cfg: &MqttConfig) -> Result<Transport, ConfigError> {
+    Ok(match cfg.tls_client_config()? {
+        Some(tls) => Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)),
+        None => Transport::tcp(),
+    })
+}
+
+/// Builds the MQTT 3.1.1 client options from config.
 pub fn options(cfg: &MqttConfig) -> Result<MqttOptions, ConfigError> {
     let (host, port) = cfg.host_port()?;
     let mut o = MqttOptions::new(cfg.client_id.clone(), host, port);
@@ -29,9 +48,8 @@ pub fn options(cfg: &MqttConfig) -> Result<MqttOptions, ConfigError> {
         .set_clean_session(cfg.clean_session)
         .set_manual_acks(true)
         .set_inflight(cfg.inflight)
-        // An oversize publish must reach the verifier (and get its report): a client-side
-        // limit would drop the connection and the broker would redeliver it forever.
-        .set_max_packet_size(256 * 1024 * 1024, 256 * 1024 * 1024);
+        .set_max_packet_size(MAX_PACKET as usize, MAX_PACKET as usize)
+        .set_transport(transport(cfg)?);
     if let Some(user) = &cfg.username {
         let pw = cfg.resolved_password()?;
         o.set_credentials(
@@ -42,9 +60,388 @@ pub fn options(cfg: &MqttConfig) -> Result<MqttOptions, ConfigError> {
     Ok(o)
 }
 
-/// Creates the client and its event loop.
-pub fn connect(cfg: &MqttConfig) -> Result<(AsyncClient, EventLoop), ConfigError> {
-    Ok(AsyncClient::new(options(cfg)?, REQUEST_CAPACITY))
+/// Builds the MQTT 5 client options from config.
+pub fn options_v5(cfg: &MqttConfig) -> Result<v5::MqttOptions, ConfigError> {
+    let (host, port) = cfg.host_port()?;
+    let mut o = v5::MqttOptions::new(cfg.client_id.clone(), host, port);
+    let expiry = if cfg.clean_session {
+        None
+    } else {
+        // validate() keeps it within u32 seconds.
+        Some(cfg.session_expiry.as_secs().min(u64::from(u32::MAX)) as u32)
+    };
+    o.set_keep_alive(cfg.keep_alive)
+        .set_clean_start(cfg.clean_session)
+        .set_session_expiry_interval(expiry)
+        .set_manual_acks(true)
+        .set_outgoing_inflight_upper_limit(cfg.inflight)
+        .set_max_packet_size(Some(MAX_PACKET))
+        .set_transport(transport(cfg)?);
+    if let Some(user) = &cfg.username {
+        let pw = cfg.resolved_password()?;
+        o.set_credentials(
+            user.clone(),
+            pw.map(|p| p.expose().to_string()).unwrap_or_default(),
+        );
+    }
+    Ok(o)
+}
+
+/// The hub's side of the broker connection, whichever protocol it speaks: everything the
+/// acker, the reloader and shutdown need, none of it waiting on rumqttc's request channel
+/// except `disconnect`.
+#[derive(Clone)]
+pub enum Client {
+    /// MQTT 3.1.1.
+    V4(AsyncClient),
+    /// MQTT 5.
+    V5(v5::AsyncClient),
+}
+
+/// The event loop matching a [`Client`].
+pub enum EventLoop {
+    /// MQTT 3.1.1.
+    V4(Box<rumqttc::EventLoop>),
+    /// MQTT 5.
+    V5(Box<v5::EventLoop>),
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TryError {
+    /// rumqttc's request channel is full: try again shortly.
+    Full,
+    /// The event loop is gone (stopping), or the request is invalid.
+    Closed,
+}
+
+fn try_v4(r: Result<(), rumqttc::ClientError>) -> Result<(), TryError> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(rumqttc::ClientError::TryRequest(_)) => Err(TryError::Full),
+        Err(_) => Err(TryError::Closed),
+    }
+}
+
+fn try_v5(r: Result<(), v5::ClientError>) -> Result<(), TryError> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(v5::ClientError::TryRequest(_)) => Err(TryError::Full),
+        Err(_) => Err(TryError::Closed),
+    }
+}
+
+fn qos(q: u8) -> QoS {
+    if q == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    }
+}
+
+fn qos_v5(q: u8) -> v5::mqttbytes::QoS {
+    if q == 0 {
+        v5::mqttbytes::QoS::AtMostOnce
+    } else {
+        v5::mqttbytes::QoS::AtLeastOnce
+    }
+}
+
+impl Client {
+    /// Acknowledges a publish. `p` is the ack token the poll task put in [`Inbound::ack`]: only
+    /// its packet id and QoS matter (an MQTT 5 publish is carried in the same type).
+    pub fn try_ack(&self, p: &Publish) -> Result<(), TryError> {
+        match self {
+            Client::V4(c) => try_v4(c.try_ack(p)),
+            Client::V5(c) => {
+                let mut a = v5::mqttbytes::v5::Publish::new(
+                    "",
+                    qos_v5(u8::from(p.qos != QoS::AtMostOnce)),
+                    Bytes::new(),
+                    None,
+                );
+                a.pkid = p.pkid;
+                try_v5(c.try_ack(&a))
+            }
+        }
+    }
+
+    /// Publishes at QoS 1 without waiting.
+    pub fn try_publish(&self, topic: String, payload: Vec<u8>) -> Result<(), TryError> {
+        match self {
+            Client::V4(c) => try_v4(c.try_publish(topic, QoS::AtLeastOnce, false, payload)),
+            Client::V5(c) => {
+                try_v5(c.try_publish(topic, v5::mqttbytes::QoS::AtLeastOnce, false, payload))
+            }
+        }
+    }
+
+    /// Subscribes without waiting.
+    pub fn try_subscribe(&self, filter: &str, q: u8) -> Result<(), TryError> {
+        match self {
+            Client::V4(c) => try_v4(c.try_subscribe(filter, qos(q))),
+            Client::V5(c) => try_v5(c.try_subscribe(filter, qos_v5(q))),
+        }
+    }
+
+    /// Unsubscribes without waiting.
+    pub fn try_unsubscribe(&self, filter: &str) -> Result<(), TryError> {
+        match self {
+            Client::V4(c) => try_v4(c.try_unsubscribe(filter)),
+            Client::V5(c) => try_v5(c.try_unsubscribe(filter)),
+        }
+    }
+
+    /// Queues a DISCONNECT behind everything already queued (acks go out first).
+    pub async fn disconnect(&self) {
+        let _ = match self {
+            Client::V4(c) => c.disconnect().await.map_err(|_| ()),
+            Client::V5(c) => c.disconnect().await.map_err(|_| ()),
+        };
+    }
+}
+
+/// Creates the client and its event loop for `cfg.protocol`.
+pub fn connect(cfg: &MqttConfig) -> Result<(Client, EventLoop), ConfigError> {
+    Ok(match cfg.protocol {
+        MqttProtocol::V311 => {
+            let (c, e) = AsyncClient::new(options(cfg)?, REQUEST_CAPACITY);
+            (Client::V4(c), EventLoop::V4(Box::new(e)))
+        }
+        MqttProtocol::V5 => {
+            let (c, e) = v5::AsyncClient::new(options_v5(cfg)?, REQUEST_CAPACITY);
+            (Client::V5(c), EventLoop::V5(Box::new(e)))
+        }
+    })
+}
+
+/// What a connection failure means for an operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The client was told to stop (all clients dropped): not a failure.
+    Done,
+    /// The broker refused the user name or password (or the client is not authorised).
+    Credentials(String),
+    /// The broker refused the connection for another reason (CONNACK code).
+    Refused(String),
+    /// The TLS handshake failed or the broker ended the TLS session.
+    Tls {
+        /// What rustls said.
+        error: String,
+        /// What to check.
+        hint: &'static str,
+    },
+    /// Anything else (network, timeout, protocol).
+    Other(String),
+}
+
+impl Failure {
+    /// A sentence that names the broker and the keys to check.
+    pub fn describe(&self, broker: &str) -> String {
+        match self {
+            Failure::Done => "the MQTT client stopped".into(),
+            Failure::Credentials(code) => format!(
+                "the broker {broker} refused the credentials ({code}): check mqtt.username and \
+                 mqtt.password / mqtt.password_file (and the broker's password file and ACL)"
+            ),
+            Failure::Refused(code) => {
+                format!("the broker {broker} refused the connection ({code})")
+            }
+            Failure::Tls { error, hint } => {
+                format!("TLS with the broker {broker} failed: {error}; {hint}")
+            }
+            Failure::Other(e) => format!("MQTT connection failed: {e} (broker {broker})"),
+        }
+    }
+}
+
+/// The rustls error somewhere in `e`'s chain: a failed handshake, or a fatal alert from the
+/// broker's TLS stack after it (e.g. `CertificateRequired` when a broker with
+/// `require_certificate` gets no client certificate, which arrives when the CONNECT is read).
+/// `io::Error` hides a wrapped error from `source()`, so it is unwrapped by hand.
+fn rustls_cause<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return Some(t);
+        }
+        if let Some(inner) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if let Some(t) = inner.downcast_ref::<rustls::Error>() {
+                return Some(t);
+            }
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// A TLS failure, with what to check for the common causes.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Failure {
+    use rustls::{AlertDescription as A, CertificateError as C};
+    let cause = rustls_cause(e);
+    let hint = match cause {
+        Some(rustls::Error::AlertReceived(A::CertificateRequired)) => {
+            "the broker requires a client certificate: set mqtt.tls.cert_file and mqtt.tls.key_file"
+        }
+        Some(rustls::Error::AlertReceived(
+            A::BadCertificate | A::UnknownCA | A::CertificateUnknown | A::AccessDenied,
+        )) => {
+            "the broker did not accept the client certificate: check mqtt.tls.cert_file and \
+             key_file (signed by a CA in the broker's cafile, and not expired)"
+        }
+        Some(rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => {
+            "the broker's certificate is not signed by a CA in mqtt.tls.ca_file (or, when it is \
+             unset, the system's CAs)"
+        }
+        Some(rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        )) => {
+            "the broker's certificate does not name the host in mqtt.url: use the name it carries \
+             or set mqtt.tls.server_name"
+        }
+        Some(rustls::Error::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+        )) => "the broker's certificate is expired or not yet valid (check both clocks)",
+        _ => {
+            "check mqtt.tls.ca_file (the CA that signed the broker's certificate), \
+             mqtt.tls.server_name, and whether the broker requires a client certificate \
+             (mqtt.tls.cert_file and key_file)"
+        }
+    };
+    Failure::Tls {
+        error: cause.map_or_else(|| e.to_string(), |c| c.to_string()),
+        hint,
+    }
+}
+
+/// What an MQTT 3.1.1 connection error means (also used by `didhub send`).
+pub fn classify_v4(e: &ConnectionError) -> Failure {
+    use rumqttc::ConnectReturnCode as C;
+    match e {
+        ConnectionError::RequestsDone => Failure::Done,
+        ConnectionError::ConnectionRefused(c @ (C::BadUserNamePassword | C::NotAuthorized)) => {
+            Failure::Credentials(format!("{c:?}"))
+        }
+        ConnectionError::ConnectionRefused(c) => Failure::Refused(format!("{c:?}")),
+        ConnectionError::Tls(_) => tls_failure(e),
+        other if rustls_cause(other).is_some() => tls_failure(other),
+        other => Failure::Other(other.to_string()),
+    }
+}
+
+fn classify_v5(e: &v5::ConnectionError) -> Failure {
+    use v5::mqttbytes::v5::ConnectReturnCode as C;
+    use v5::ConnectionError as E;
+    match e {
+        E::RequestsDone => Failure::Done,
+        E::ConnectionRefused(
+            c @ (C::BadUserNamePassword | C::NotAuthorized | C::BadAuthenticationMethod),
+        ) => Failure::Credentials(format!("{c:?}")),
+        E::ConnectionRefused(c) => Failure::Refused(format!("{c:?}")),
+        E::Tls(_) => tls_failure(e),
+        other if rustls_cause(other).is_some() => tls_failure(other),
+        other => Failure::Other(other.to_string()),
+    }
+}
+
+/// One event of either protocol, reduced to what the poll task acts on.
+enum Ev {
+    Connected { session_present: bool },
+    SubscriptionRefused,
+    Publish(Received),
+    Disconnected,
+    Failed(Failure),
+    Other,
+}
+
+struct Received {
+    topic: String,
+    payload: Bytes,
+    response_topic: Option<String>,
+    ack: Option<Publish>,
+}
+
+impl EventLoop {
+    async fn next(&mut self) -> Ev {
+        match self {
+            EventLoop::V4(el) => {
+                use rumqttc::{Event, Packet};
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(a))) => Ev::Connected {
+                        session_present: a.session_present,
+                    },
+                    Ok(Event::Incoming(Packet::SubAck(s))) => {
+                        if s.return_codes
+                            .iter()
+                            .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                        {
+                            Ev::SubscriptionRefused
+                        } else {
+                            Ev::Other
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        // The ack needs only the packet id and QoS: do not hold the payload twice.
+                        let ack = (p.qos != QoS::AtMostOnce).then(|| {
+                            let mut a = p.clone();
+                            a.payload = Bytes::new();
+                            a
+                        });
+                        Ev::Publish(Received {
+                            topic: p.topic,
+                            payload: p.payload,
+                            response_topic: None,
+                            ack,
+                        })
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => Ev::Disconnected,
+                    Ok(_) => Ev::Other,
+                    Err(e) => Ev::Failed(classify_v4(&e)),
+                }
+            }
+            EventLoop::V5(el) => {
+                use v5::mqttbytes::v5::Packet;
+                use v5::Event;
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(a))) => Ev::Connected {
+                        session_present: a.session_present,
+                    },
+                    Ok(Event::Incoming(Packet::SubAck(s))) => {
+                        if s.return_codes.iter().any(|c| {
+                            !matches!(c, v5::mqttbytes::v5::SubscribeReasonCode::Success(_))
+                        }) {
+                            Ev::SubscriptionRefused
+                        } else {
+                            Ev::Other
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let at_least_once = p.qos != v5::mqttbytes::QoS::AtMostOnce;
+                        let ack = at_least_once.then(|| {
+                            let mut a = Publish::new("", QoS::AtLeastOnce, Vec::new());
+                            a.pkid = p.pkid;
+                            a
+                        });
+                        Ev::Publish(Received {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            response_topic: p
+                                .properties
+                                .and_then(|props| props.response_topic)
+                                .filter(|t| !t.is_empty()),
+                            payload: p.payload,
+                            ack,
+                        })
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => Ev::Disconnected,
+                    Ok(_) => Ev::Other,
+                    Err(e) => Ev::Failed(classify_v5(&e)),
+                }
+            }
+        }
+    }
 }
 
 /// Capped exponential backoff with full jitter.
@@ -96,14 +493,9 @@ pub struct Link {
 pub type Subscriptions = Arc<Mutex<Vec<(String, u8)>>>;
 
 /// Subscribes to `filter` without waiting (the request goes out with the next poll).
-pub fn subscribe(client: &AsyncClient, filter: &str, qos: u8) {
-    let q = if qos == 0 {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
-    };
-    if let Err(e) = client.try_subscribe(filter, q) {
-        tracing::error!(filter = %filter, error = %e, "could not subscribe");
+pub fn subscribe(client: &Client, filter: &str, qos: u8) {
+    if let Err(e) = client.try_subscribe(filter, qos) {
+        tracing::error!(filter = %filter, error = ?e, "could not subscribe");
     }
 }
 
@@ -112,7 +504,7 @@ pub fn subscribe(client: &AsyncClient, filter: &str, qos: u8) {
 #[allow(clippy::too_many_arguments)]
 pub async fn poll_loop(
     mut eventloop: EventLoop,
-    client: AsyncClient,
+    client: Client,
     subscriptions: Subscriptions,
     input: Arc<Mutex<Option<flume::Sender<Inbound>>>>,
     stats: Arc<Stats>,
@@ -123,19 +515,19 @@ pub async fn poll_loop(
     let mut seq: u64 = 0;
     let mut ever_connected = false;
     loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+        match eventloop.next().await {
+            Ev::Connected { session_present } => {
                 backoff.reset();
                 link.connected.store(true, Ordering::Relaxed);
                 if ever_connected {
                     link.reconnects.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(broker = %broker, session_present = ack.session_present, "reconnected to the broker");
+                    tracing::info!(broker = %broker, session_present, "reconnected to the broker");
                 } else {
-                    tracing::info!(broker = %broker, session_present = ack.session_present, "connected to the broker");
+                    tracing::info!(broker = %broker, session_present, "connected to the broker");
                 }
                 // Subscribe on this process's first connection (routes may have changed since
                 // the session was made) and whenever the broker kept no session.
-                let subscribe = !ever_connected || !ack.session_present;
+                let subscribe = !ever_connected || !session_present;
                 ever_connected = true;
                 if subscribe {
                     let subs = subscriptions
@@ -147,35 +539,25 @@ pub async fn poll_loop(
                     }
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(s))) => {
-                for code in &s.return_codes {
-                    if matches!(code, rumqttc::SubscribeReasonCode::Failure) {
-                        tracing::error!(
-                            "the broker refused a subscription: check its ACL for the hub's user"
-                        );
-                    }
-                }
+            Ev::SubscriptionRefused => {
+                tracing::error!(
+                    broker = %broker,
+                    "the broker refused a subscription: check its ACL for the hub's user"
+                );
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
+            Ev::Publish(p) => {
                 stats.received.fetch_add(1, Ordering::Relaxed);
                 let sender = input.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let Some(sender) = sender else {
                     // Stopping: not acknowledged, so the broker redelivers it next session.
                     continue;
                 };
-                let topic = p.topic.clone();
-                // The ack needs only the packet id and QoS: do not hold the payload twice.
-                let ack = (p.qos != QoS::AtMostOnce).then(|| {
-                    let mut a = p.clone();
-                    a.payload = bytes::Bytes::new();
-                    a
-                });
                 let inbound = Inbound {
                     seq,
-                    topic,
-                    payload: p.payload.clone(),
-                    response_topic: None,
-                    ack,
+                    topic: p.topic,
+                    payload: p.payload,
+                    response_topic: p.response_topic,
+                    ack: p.ack,
                     received_ns: crate::now_ns(),
                 };
                 seq += 1;
@@ -183,19 +565,27 @@ pub async fn poll_loop(
                     tracing::debug!("pipeline closed; message left unacknowledged");
                 }
             }
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+            Ev::Disconnected => {
                 link.connected.store(false, Ordering::Relaxed);
                 tracing::info!("disconnected from the broker");
                 return;
             }
-            Ok(_) => {}
-            Err(e) => {
+            Ev::Other => {}
+            Ev::Failed(Failure::Done) => {
                 link.connected.store(false, Ordering::Relaxed);
-                if matches!(e, ConnectionError::RequestsDone) {
-                    return;
-                }
+                return;
+            }
+            Ev::Failed(f) => {
+                link.connected.store(false, Ordering::Relaxed);
                 let delay = backoff.next_delay();
-                tracing::warn!(broker = %broker, error = %e, retry_in = ?delay, "MQTT connection failed");
+                let message = f.describe(&broker);
+                match f {
+                    // An operator must act: the hub receives nothing until they do.
+                    Failure::Credentials(_) | Failure::Tls { .. } | Failure::Refused(_) => {
+                        tracing::error!(broker = %broker, retry_in = ?delay, "{message}")
+                    }
+                    _ => tracing::warn!(broker = %broker, retry_in = ?delay, "{message}"),
+                }
                 tokio::time::sleep(delay).await;
             }
         }
@@ -207,7 +597,7 @@ pub async fn poll_loop(
 /// It never waits on rumqttc's request channel: the poll task may itself be waiting for room in
 /// the pipeline, and the pipeline for this task (a cycle that deadlocks under a large
 /// redelivered backlog). Acks that do not fit are kept, in order, and retried shortly.
-pub async fn acker(rx: flume::Receiver<Settled>, client: AsyncClient, stats: Arc<Stats>) {
+pub async fn acker(rx: flume::Receiver<Settled>, client: Client, stats: Arc<Stats>) {
     let mut reorder = Reorder::new(0);
     let mut waiting: VecDeque<Publish> = VecDeque::new();
     let mut open = true;
@@ -238,15 +628,15 @@ pub async fn acker(rx: flume::Receiver<Settled>, client: AsyncClient, stats: Arc
     }
 }
 
-fn flush_acks(client: &AsyncClient, stats: &Stats, waiting: &mut VecDeque<Publish>) {
+fn flush_acks(client: &Client, stats: &Stats, waiting: &mut VecDeque<Publish>) {
     while let Some(p) = waiting.front() {
         match client.try_ack(p) {
             Ok(()) => {
                 stats.acked.fetch_add(1, Ordering::Relaxed);
                 waiting.pop_front();
             }
-            Err(rumqttc::ClientError::TryRequest(_)) => return,
-            Err(_) => {
+            Err(TryError::Full) => return,
+            Err(TryError::Closed) => {
                 // The event loop is gone (stopping): the broker redelivers what is unacked.
                 waiting.clear();
                 return;
@@ -255,20 +645,15 @@ fn flush_acks(client: &AsyncClient, stats: &Stats, waiting: &mut VecDeque<Publis
     }
 }
 
-fn settle(client: &AsyncClient, stats: &Stats, s: Settled, waiting: &mut VecDeque<Publish>) {
+fn settle(client: &Client, stats: &Stats, s: Settled, waiting: &mut VecDeque<Publish>) {
     if let Some(r) = s.report {
-        match client.try_publish(
-            r.topic.clone(),
-            QoS::AtLeastOnce,
-            false,
-            r.body.into_bytes(),
-        ) {
+        match client.try_publish(r.topic.clone(), r.body.into_bytes()) {
             Ok(()) => {
                 stats.reports_sent.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
                 stats.reports_suppressed.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(topic = %r.topic, error = %e, "report not sent");
+                tracing::debug!(topic = %r.topic, error = ?e, "report not sent");
             }
         }
     }

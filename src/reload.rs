@@ -11,11 +11,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use rumqttc::AsyncClient;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
-use crate::mqtt::Subscriptions;
+use crate::mqtt::{Client, Subscriptions};
 use crate::pipeline::{Routing, Shared};
 
 /// How the hub learns of reload requests and re-reads its configuration.
@@ -107,7 +106,7 @@ pub async fn watch(
     mut reload: Reload,
     mut running: Config,
     shared: Arc<Shared>,
-    client: AsyncClient,
+    client: Client,
     subscriptions: Subscriptions,
     shutdown: CancellationToken,
 ) {
@@ -147,7 +146,7 @@ pub fn apply(
     old: &Config,
     new: &Config,
     shared: &Shared,
-    client: &AsyncClient,
+    client: &Client,
     subscriptions: &Subscriptions,
 ) -> Plan {
     let p = plan(old, new);
@@ -159,8 +158,8 @@ pub fn apply(
         crate::mqtt::subscribe(client, filter, *qos);
     }
     for filter in &p.unsubscribe {
-        if let Err(e) = client.try_unsubscribe(filter.clone()) {
-            tracing::error!(filter = %filter, error = %e, "could not unsubscribe");
+        if let Err(e) = client.try_unsubscribe(filter) {
+            tracing::error!(filter = %filter, error = ?e, "could not unsubscribe");
         }
     }
     tracing::info!(

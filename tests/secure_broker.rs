@@ -1,0 +1,769 @@
+//! Secured broker connections against a real mosquitto: TLS with a CA file, client
+//! certificates (mTLS), a password file, and MQTT 5 (Response Topic, session expiry).
+//!
+//! The PKI is made here with the `openssl` CLI (Debian package `openssl`) in a temporary
+//! directory: a CA, a server certificate for 127.0.0.1/localhost, a client certificate, and a
+//! second, unrelated CA. mosquitto started as root drops privileges before it reads its CA, key
+//! and password files; the harness puts `user root` in its config when the tests run as root.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use didhub::did::Identity;
+use didhub::verify::{pack_post, unpack_report, Envelope, REPORT_TYPE};
+use serde_json::json;
+use tempfile::TempDir;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn block<F: std::future::Future>(f: F) -> F::Output {
+    futures::executor::block_on(f)
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A throwaway PKI
+// ---------------------------------------------------------------------------------------------
+
+/// PEM files of a test PKI.
+struct Pki {
+    _dir: TempDir,
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    /// A CA that signed none of the above.
+    other_ca: PathBuf,
+    /// A server certificate for `broker.test` only (no IP address).
+    named_cert: PathBuf,
+    named_key: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let bin = find_program("openssl", &["/usr/bin/openssl"], "openssl");
+    let out = Command::new(bin)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A self-signed P-256 CA: `name.crt`, `name.key`.
+fn make_ca(dir: &Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-sha256",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+        ],
+    );
+}
+
+/// A leaf `name.crt`/`name.key` (PKCS#8) signed by `ca`, with `ext` (x509v3 lines).
+fn make_leaf(dir: &Path, ca: &str, name: &str, ext: &str) {
+    std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-sha256",
+            "-days",
+            "2",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}.crt"),
+        ],
+    );
+}
+
+impl Pki {
+    fn generate() -> Pki {
+        let dir = tempfile::Builder::new()
+            .prefix("didhub-pki-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        make_ca(d, "ca");
+        make_ca(d, "other-ca");
+        make_leaf(
+            d,
+            "ca",
+            "server",
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        );
+        make_leaf(
+            d,
+            "ca",
+            "named",
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=serverAuth\nsubjectAltName=DNS:broker.test\n",
+        );
+        make_leaf(
+            d,
+            "ca",
+            "client",
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=clientAuth\n",
+        );
+        Pki {
+            ca: d.join("ca.crt"),
+            server_cert: d.join("server.crt"),
+            server_key: d.join("server.key"),
+            client_cert: d.join("client.crt"),
+            client_key: d.join("client.key"),
+            other_ca: d.join("other-ca.crt"),
+            named_cert: d.join("named.crt"),
+            named_key: d.join("named.key"),
+            _dir: dir,
+        }
+    }
+
+    /// mosquitto lines for a TLS listener (they apply to the harness's listener).
+    fn mosquitto_tls(&self, require_certificate: bool) -> String {
+        let mut conf = format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\n",
+            self.ca.display(),
+            self.server_cert.display(),
+            self.server_key.display()
+        );
+        if require_certificate {
+            conf.push_str("require_certificate true\n");
+        }
+        conf
+    }
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hub and device
+// ---------------------------------------------------------------------------------------------
+
+/// Writes a hub config (one route, `devices/+/telemetry` → measurement `telemetry`) whose
+/// `[mqtt]` section is `mqtt` (url and all), and validates it.
+fn write_config(dir: &Path, mqtt: &str) -> PathBuf {
+    let text = format!(
+        r#"state_dir = "{state}"
+[mqtt]
+client_id = "hub-{rand}"
+reconnect_min = "50ms"
+reconnect_max = "1s"
+{mqtt}
+[broker]
+embedded = false
+[http]
+listen = ""
+[pipeline]
+workers = 2
+[[routes]]
+topics = ["devices/+/telemetry"]
+measurement = "telemetry"
+"#,
+        state = dir.join("state").display(),
+        rand = uuid::Uuid::new_v4().simple(),
+    );
+    let path = dir.join("hub.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = didhub(&["--config", p(&path), "validate"]);
+    assert!(
+        out.status.success(),
+        "config must validate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
+fn hub_did(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("state/hub.did"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn stored(dir: &Path) -> usize {
+    didhub::cli::query(
+        &dir.join("state/didhub.db"),
+        Some("telemetry"),
+        Duration::from_secs(3600),
+        100_000,
+    )
+    .map(|v| v.len())
+    .unwrap_or(0)
+}
+
+fn keygen(dir: &Path) -> PathBuf {
+    let path = dir.join(format!("device-{}.json", uuid::Uuid::new_v4().simple()));
+    let out = didhub(&["keygen", "--out", p(&path)]);
+    assert!(out.status.success(), "keygen: {out:?}");
+    path
+}
+
+/// `didhub send` of one signed post with `extra` flags; returns the output.
+fn send(dir: &Path, broker: &str, extra: &[&str]) -> std::process::Output {
+    let device = keygen(dir);
+    let to = hub_did(dir);
+    let mut args = vec![
+        "send",
+        "--identity",
+        p(&device),
+        "--to",
+        &to,
+        "--broker",
+        broker,
+        "--topic",
+        "devices/d1/telemetry",
+        "--payload",
+        r#"{"temp": 21.5}"#,
+    ];
+    args.extend_from_slice(extra);
+    didhub(&args)
+}
+
+fn assert_ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "didhub send failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn mqtts(m: &Mosquitto) -> String {
+    format!("mqtts://127.0.0.1:{}", m.port)
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a) TLS with a CA file
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn tls_with_ca_file_stores_a_post_sent_over_mqtts() {
+    let pki = Pki::generate();
+    let mq = Mosquitto::start_with(&pki.mosquitto_tls(false));
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = write_config(
+        d,
+        &format!(
+            "url = \"{}\"\n[mqtt.tls]\nca_file = \"{}\"\n",
+            mqtts(&mq),
+            p(&pki.ca)
+        ),
+    );
+    let hub = Hub::start(&cfg);
+    hub.wait_for_log("connected to the broker", WAIT);
+    hub.wait_for_log("didhub ready", WAIT);
+
+    let out = send(d, &mqtts(&mq), &["--ca-file", p(&pki.ca)]);
+    assert_ok(&out);
+    wait_until("the post stored", WAIT, || stored(d) == 1);
+
+    // Without --broker, send takes url and [mqtt.tls] from hub.toml.
+    let device = keygen(d);
+    let out = didhub(&[
+        "--config",
+        p(&cfg),
+        "send",
+        "--identity",
+        p(&device),
+        "--topic",
+        "devices/d2/telemetry",
+        "--payload",
+        r#"{"temp": 22}"#,
+    ]);
+    assert_ok(&out);
+    wait_until("the second post stored", WAIT, || stored(d) == 2);
+
+    // A plain-TCP send to the TLS port fails clearly.
+    let out = send(d, &mq.url(), &[]);
+    assert!(!out.status.success(), "plain MQTT to a TLS listener");
+}
+
+#[test]
+fn tls_with_the_wrong_ca_is_refused_and_logged() {
+    let pki = Pki::generate();
+    let mq = Mosquitto::start_with(&pki.mosquitto_tls(false));
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = write_config(
+        d,
+        &format!(
+            "url = \"{}\"\n[mqtt.tls]\nca_file = \"{}\"\n",
+            mqtts(&mq),
+            p(&pki.other_ca)
+        ),
+    );
+    let hub = Hub::start(&cfg);
+    let line = hub.wait_for_log("TLS with the broker", WAIT);
+    eprintln!("wrong CA: {line}");
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(
+        line.contains(&mqtts(&mq)) && line.contains("mqtt.tls.ca_file"),
+        "names the broker and the key: {line}"
+    );
+    assert!(
+        line.contains("UnknownIssuer") && line.contains("not signed by a CA in mqtt.tls.ca_file"),
+        "says why: {line}"
+    );
+    // Retries with backoff, never connects.
+    wait_until("a second attempt", WAIT, || {
+        hub.log().count("TLS with the broker") >= 2
+    });
+    assert_eq!(hub.log().count("connected to the broker"), 0);
+
+    // send with the wrong CA: a clear error, non-zero exit.
+    let out = send(d, &mqtts(&mq), &["--ca-file", p(&pki.other_ca)]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("send with the wrong CA: {err}");
+    assert!(err.contains("TLS with the broker"), "{err}");
+}
+
+#[test]
+fn tls_config_errors_exit_78_naming_key_and_path() {
+    let pki = Pki::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let validate = |mqtt: &str| {
+        let path = d.join("bad.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "state_dir = \"{}\"\n[mqtt]\n{mqtt}\n[[routes]]\ntopics = [\"a/+\"]\n",
+                d.join("state").display()
+            ),
+        )
+        .unwrap();
+        let out = didhub(&["--config", p(&path), "validate"]);
+        assert_eq!(out.status.code(), Some(78), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let missing = d.join("nope.pem");
+    let err = validate(&format!(
+        "url = \"mqtts://127.0.0.1\"\n[mqtt.tls]\nca_file = \"{}\"\n",
+        p(&missing)
+    ));
+    assert!(
+        err.contains("mqtt.tls.ca_file") && err.contains(p(&missing)),
+        "{err}"
+    );
+    let not_pem = d.join("not.pem");
+    std::fs::write(&not_pem, "hello\n").unwrap();
+    let err = validate(&format!(
+        "url = \"mqtts://127.0.0.1\"\n[mqtt.tls]\nca_file = \"{}\"\n",
+        p(&not_pem)
+    ));
+    assert!(
+        err.contains("mqtt.tls.ca_file") && err.contains("no PEM certificate"),
+        "{err}"
+    );
+    let err = validate(&format!(
+        "url = \"mqtts://127.0.0.1\"\n[mqtt.tls]\nca_file = \"{}\"\ncert_file = \"{}\"\n",
+        p(&pki.ca),
+        p(&pki.client_cert)
+    ));
+    assert!(
+        err.contains("mqtt.tls.key_file") && err.contains("needs its private key"),
+        "{err}"
+    );
+    let err = validate(&format!(
+        "url = \"mqtts://127.0.0.1\"\n[mqtt.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        p(&pki.client_cert),
+        p(&pki.client_cert)
+    ));
+    assert!(
+        err.contains("mqtt.tls.key_file") && err.contains("no PEM private key"),
+        "{err}"
+    );
+    let err = validate(&format!(
+        "url = \"mqtt://127.0.0.1\"\n[mqtt.tls]\nca_file = \"{}\"\n",
+        p(&pki.ca)
+    ));
+    assert!(
+        err.contains("mqtt.tls") && err.contains("mqtts://"),
+        "{err}"
+    );
+    let err = validate("protocol = \"v4\"\n");
+    assert!(err.contains("protocol"), "{err}");
+}
+
+#[test]
+fn tls_server_name_override_checks_the_certificate_against_that_name() {
+    let pki = Pki::generate();
+    let mq = Mosquitto::start_with(&format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\n",
+        p(&pki.ca),
+        p(&pki.named_cert),
+        p(&pki.named_key)
+    ));
+    // Reached by IP address, the certificate names only broker.test: refused, with the hint.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tls = format!(
+        "url = \"{}\"\n[mqtt.tls]\nca_file = \"{}\"\n",
+        mqtts(&mq),
+        p(&pki.ca)
+    );
+    let hub = Hub::start(&write_config(d, &tls));
+    let line = hub.wait_for_log("TLS with the broker", WAIT);
+    assert!(
+        line.contains("mqtt.tls.server_name") && line.contains("does not name the host"),
+        "{line}"
+    );
+    drop(hub);
+    // With server_name = "broker.test" it connects and stores.
+    let dir2 = tempfile::tempdir().unwrap();
+    let d2 = dir2.path();
+    let cfg = write_config(d2, &format!("{tls}server_name = \"broker.test\"\n"));
+    let hub = Hub::start(&cfg);
+    hub.wait_for_log("connected to the broker", WAIT);
+    hub.wait_for_log("didhub ready", WAIT);
+    let device = keygen(d2);
+    let out = didhub(&[
+        "--config",
+        p(&cfg),
+        "send",
+        "--identity",
+        p(&device),
+        "--topic",
+        "devices/d1/telemetry",
+        "--payload",
+        r#"{"temp": 20}"#,
+    ]);
+    assert_ok(&out);
+    wait_until("the post stored", WAIT, || stored(d2) == 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (b) Client certificates
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn mtls_client_certificate_connects_and_no_certificate_is_refused() {
+    let pki = Pki::generate();
+    let mq = Mosquitto::start_with(&pki.mosquitto_tls(true));
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = write_config(
+        d,
+        &format!(
+            "url = \"{}\"\n[mqtt.tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            mqtts(&mq),
+            p(&pki.ca),
+            p(&pki.client_cert),
+            p(&pki.client_key)
+        ),
+    );
+    let hub = Hub::start(&cfg);
+    hub.wait_for_log("connected to the broker", WAIT);
+    hub.wait_for_log("didhub ready", WAIT);
+    let out = send(
+        d,
+        &mqtts(&mq),
+        &[
+            "--ca-file",
+            p(&pki.ca),
+            "--cert-file",
+            p(&pki.client_cert),
+            "--key-file",
+            p(&pki.client_key),
+        ],
+    );
+    assert_ok(&out);
+    wait_until("the post stored", WAIT, || stored(d) == 1);
+
+    // A second hub without a client certificate: refused, and the log says so.
+    let dir2 = tempfile::tempdir().unwrap();
+    let d2 = dir2.path();
+    let cfg2 = write_config(
+        d2,
+        &format!(
+            "url = \"{}\"\n[mqtt.tls]\nca_file = \"{}\"\n",
+            mqtts(&mq),
+            p(&pki.ca)
+        ),
+    );
+    let hub2 = Hub::start(&cfg2);
+    let line = hub2.wait_for_log("TLS with the broker", WAIT);
+    eprintln!("no client certificate: {line}");
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(
+        line.contains("CertificateRequired")
+            && line.contains("requires a client certificate: set mqtt.tls.cert_file"),
+        "says a certificate is missing and which key: {line}"
+    );
+    assert_eq!(hub2.log().count("connected to the broker"), 0);
+
+    // send without --cert-file: refused too.
+    let out = send(d2, &mqtts(&mq), &["--ca-file", p(&pki.ca)]);
+    assert!(!out.status.success(), "no client certificate must fail");
+}
+
+// ---------------------------------------------------------------------------------------------
+// (c) Password file
+// ---------------------------------------------------------------------------------------------
+
+fn password_broker() -> (Mosquitto, TempDir) {
+    let auth = tempfile::tempdir().unwrap();
+    let passwd = auth.path().join("passwd");
+    let bin = find_program(
+        "mosquitto_passwd",
+        &["/usr/bin/mosquitto_passwd"],
+        "mosquitto",
+    );
+    let out = Command::new(bin)
+        .args(["-b", "-c", p(&passwd), "hub", "s3cret"])
+        .output()
+        .expect("run mosquitto_passwd");
+    assert!(out.status.success(), "mosquitto_passwd: {out:?}");
+    let mq = Mosquitto::start_with(&format!(
+        "allow_anonymous false\npassword_file {}\n",
+        passwd.display()
+    ));
+    (mq, auth)
+}
+
+#[test]
+fn password_file_right_password_stores_wrong_password_is_a_clear_error() {
+    let (mq, _auth) = password_broker();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pw = d.join("mqtt.password");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    let cfg = write_config(
+        d,
+        &format!(
+            "url = \"{}\"\nusername = \"hub\"\npassword_file = \"{}\"\n",
+            mq.url(),
+            p(&pw)
+        ),
+    );
+    let hub = Hub::start(&cfg);
+    hub.wait_for_log("connected to the broker", WAIT);
+    hub.wait_for_log("didhub ready", WAIT);
+    let out = send(
+        d,
+        &mq.url(),
+        &["--username", "hub", "--password-file", p(&pw)],
+    );
+    assert_ok(&out);
+    wait_until("the post stored", WAIT, || stored(d) == 1);
+
+    // Anonymous send: refused with the clear message.
+    let out = send(d, &mq.url(), &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("anonymous send: {err}");
+    assert!(err.contains("refused the credentials"), "{err}");
+
+    // A hub with the wrong password: ERROR naming the broker, retried with backoff.
+    let dir2 = tempfile::tempdir().unwrap();
+    let d2 = dir2.path();
+    let wrong = d2.join("mqtt.password");
+    std::fs::write(&wrong, "wrong\n").unwrap();
+    let cfg2 = write_config(
+        d2,
+        &format!(
+            "url = \"{}\"\nusername = \"hub\"\npassword_file = \"{}\"\n",
+            mq.url(),
+            p(&wrong)
+        ),
+    );
+    let hub2 = Hub::start(&cfg2);
+    let line = hub2.wait_for_log("refused the credentials", WAIT);
+    eprintln!("wrong password: {line}");
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains(&mq.url()), "names the broker: {line}");
+    assert!(line.contains("mqtt.password_file"), "names the key: {line}");
+    let first = Instant::now();
+    wait_until("a retry", WAIT, || {
+        hub2.log().count("refused the credentials") >= 3
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let attempts = hub2.log().count("refused the credentials");
+    let secs = first.elapsed().as_secs_f64();
+    eprintln!("wrong password: {attempts} attempts in {secs:.1} s");
+    // reconnect_min 50ms doubling to reconnect_max 1s: a handful per second at most, not a
+    // tight loop (hundreds).
+    assert!(
+        (attempts as f64) < 4.0 + 2.0 * secs,
+        "{attempts} refused attempts in {secs:.1} s: not backing off"
+    );
+    assert_eq!(hub2.log().count("connected to the broker"), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (d) MQTT 5
+// ---------------------------------------------------------------------------------------------
+
+fn mosquitto_pub_v5(port: u16, topic: &str, payload: &str, response_topic: &str) {
+    let bin = find_program(
+        "mosquitto_pub",
+        &["/usr/bin/mosquitto_pub"],
+        "mosquitto-clients",
+    );
+    let out = Command::new(bin)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-V", "mqttv5", "-q", "1", "-t", topic, "-m", payload])
+        .args(["-D", "publish", "response-topic", response_topic])
+        .output()
+        .expect("run mosquitto_pub");
+    assert!(out.status.success(), "mosquitto_pub: {out:?}");
+}
+
+#[test]
+fn v5_report_goes_to_the_response_topic_and_the_session_survives_a_restart() {
+    let mq = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = write_config(
+        d,
+        &format!(
+            "url = \"{}\"\nprotocol = \"v5\"\nsession_expiry = \"1h\"\n",
+            mq.url()
+        ),
+    );
+    let mut hub = Hub::start(&cfg);
+    hub.wait_for_log("connected to the broker", WAIT);
+    hub.wait_for_log("didhub ready", WAIT);
+    let to = hub_did(d);
+    let device = Identity::load(&keygen(d)).unwrap();
+
+    let replies = Collector::start(
+        mq.port,
+        &["replies/#", "devices/+/telemetry/problem-report"],
+        &SubOptions {
+            protocol: "mqttv5",
+            ..Default::default()
+        },
+    );
+    // Accepted (stored, acked), and rejected (plaintext on an authenticated route).
+    let good = block(pack_post(
+        &device,
+        &to,
+        "v5-good",
+        json!({"temp": 1}),
+        Envelope::Signed,
+        now(),
+    ))
+    .unwrap();
+    mosquitto_pub_v5(mq.port, "devices/d1/telemetry", &good, "replies/d1");
+    let bad = block(pack_post(
+        &device,
+        &to,
+        "v5-bad",
+        json!({"temp": 2}),
+        Envelope::Plaintext,
+        now(),
+    ))
+    .unwrap();
+    mosquitto_pub_v5(mq.port, "devices/d1/telemetry", &bad, "replies/d1");
+    wait_until("the signed post stored", WAIT, || stored(d) == 1);
+    let got = replies.wait_for_messages(1, WAIT);
+    assert_eq!(got[0].topic, "replies/d1", "the publish's Response Topic");
+    let (report, signer) = block(unpack_report(&device, &got[0].text())).unwrap();
+    assert_eq!(signer.as_deref(), Some(to.as_str()));
+    assert_eq!(report["type"], REPORT_TYPE);
+    assert_eq!(report["pthid"], "v5-bad", "{report}");
+
+    // Session expiry keeps the session while the hub is down: a post published meanwhile is
+    // delivered after the restart.
+    hub.terminate();
+    let later = block(pack_post(
+        &device,
+        &to,
+        "v5-later",
+        json!({"temp": 3}),
+        Envelope::Signed,
+        now(),
+    ))
+    .unwrap();
+    mosquitto_pub_v5(mq.port, "devices/d1/telemetry", &later, "replies/d1");
+    let from = hub.logs().len();
+    hub.start_again();
+    let (_, line) = hub.wait_for_log_from(from, "connected to the broker", WAIT);
+    assert!(line.contains("session_present=true"), "{line}");
+    wait_until("the post sent while down stored", WAIT, || stored(d) == 2);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(replies.messages().len(), 1, "only the one report");
+    // The first run's manual acks reached the broker: nothing it had stored came again.
+    assert_eq!(
+        hub.log().count("redelivery: acked and dropped"),
+        0,
+        "{}",
+        hub.log().tail()
+    );
+}
