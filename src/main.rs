@@ -66,9 +66,25 @@ enum Command {
         /// The hub DID (default: from the hub's state_dir).
         #[arg(long)]
         to: Option<String>,
-        /// `mqtt://host:port` (default: mqtt.url of hub.toml).
+        /// `mqtt://host:port` or `mqtts://host:port` (default: mqtt.url of hub.toml, with its
+        /// user name, password and [mqtt.tls] files).
         #[arg(long)]
         broker: Option<String>,
+        /// User name for the broker.
+        #[arg(long)]
+        username: Option<String>,
+        /// File whose first line is the broker password.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// PEM CA bundle for an mqtts:// broker (default: the system's CAs).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// PEM client certificate, for brokers that require one.
+        #[arg(long, requires = "key_file")]
+        cert_file: Option<PathBuf>,
+        /// PEM private key of --cert-file.
+        #[arg(long, requires = "cert_file")]
+        key_file: Option<PathBuf>,
         /// signed, authcrypt, anoncrypt, anoncrypt-signed, authcrypt-signed or plaintext.
         #[arg(long, default_value = "signed", value_parser = parse_mode)]
         mode: Envelope,
@@ -111,6 +127,9 @@ enum Command {
     },
     /// Print the shipped, fully commented hub.toml.
     ExampleConfig,
+    /// Measure: posts generated first, then through the pipeline in process and/or end to
+    /// end through a broker and a running hub (BENCHMARKS.md).
+    Bench(didhub::bench::BenchArgs),
 }
 
 fn parse_method(s: &str) -> Result<DidMethod, String> {
@@ -182,6 +201,13 @@ fn main() -> ExitCode {
 
 async fn real_main(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::Bench(args) => {
+            init_tracing(None);
+            match didhub::bench::main(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
         Command::ExampleConfig => {
             print!("{SHIPPED_HUB_TOML}");
             ExitCode::SUCCESS
@@ -264,6 +290,11 @@ async fn real_main(cli: Cli) -> ExitCode {
             payload,
             to,
             broker,
+            username,
+            password_file,
+            ca_file,
+            cert_file,
+            key_file,
             mode,
             topic,
             count,
@@ -295,6 +326,31 @@ async fn real_main(cli: Cli) -> ExitCode {
                 Ok(t) => t,
                 Err(e) => return fail(e),
             };
+            // Without --broker, hub.toml's [mqtt] also gives the credentials and TLS files;
+            // each flag overrides its key.
+            let mut conn = match (&broker, &cfg) {
+                (None, Some(c)) => match didhub::cli::Connection::from_mqtt(&c.mqtt) {
+                    Ok(conn) => conn,
+                    Err(e) => return fail(e),
+                },
+                _ => didhub::cli::Connection::default(),
+            };
+            if username.is_some() {
+                conn.username = username;
+            }
+            if let Some(p) = password_file {
+                match didhub::config::read_secret_file(&p, "--password-file") {
+                    Ok(pw) => conn.password = Some(pw),
+                    Err(e) => return fail(e),
+                }
+            }
+            if ca_file.is_some() {
+                conn.tls.ca_file = ca_file;
+            }
+            if cert_file.is_some() {
+                conn.tls.cert_file = cert_file;
+                conn.tls.key_file = key_file;
+            }
             let broker = broker
                 .unwrap_or_else(|| cfg.as_ref().map(|c| c.mqtt.url.clone()).unwrap_or_default());
             let topic = topic.unwrap_or_else(|| {
@@ -320,7 +376,7 @@ async fn real_main(cli: Cli) -> ExitCode {
                 seq_start,
                 progress: count > 1,
             };
-            match didhub::cli::send(plan).await {
+            match didhub::cli::send_with(plan, &conn).await {
                 Ok(s) => {
                     if count > 1 {
                         let secs = s.elapsed.as_secs_f64().max(1e-9);

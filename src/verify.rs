@@ -722,8 +722,6 @@ pub async fn pack_post(
     mode: Envelope,
     now: u64,
 ) -> Result<String, String> {
-    let resolver = LocalResolver::new(16);
-    let secrets = StaticSecrets::new(std::slice::from_ref(device));
     let mut b = Message::build(
         id.to_string(),
         POST_TYPE.to_string(),
@@ -734,36 +732,7 @@ pub async fn pack_post(
     if mode != Envelope::Anoncrypt {
         b = b.from(device.did.clone());
     }
-    let msg = b.finalize();
-    let opts = PackEncryptedOptions {
-        forward: false,
-        ..PackEncryptedOptions::default()
-    };
-    let kid = device.signing_kid();
-    let r = match mode {
-        Envelope::Plaintext => msg
-            .pack_plaintext(&resolver)
-            .await
-            .map_err(|e| e.to_string())?,
-        Envelope::Signed => {
-            msg.pack_signed(&kid, &resolver, &secrets)
-                .await
-                .map_err(|e| e.to_string())?
-                .0
-        }
-        Envelope::Authcrypt
-        | Envelope::AuthcryptSigned
-        | Envelope::Anoncrypt
-        | Envelope::AnoncryptSigned => {
-            let from = mode.authcrypt().then_some(device.did.as_str());
-            let sign_by = mode.signed().then_some(kid.as_str());
-            msg.pack_encrypted(hub_did, from, sign_by, &resolver, &secrets, &opts)
-                .await
-                .map_err(|e| e.to_string())?
-                .0
-        }
-    };
-    Ok(r)
+    pack(device, hub_did, b.finalize(), mode).await
 }
 
 /// Packs an arbitrary plaintext message (a JSON object with DIDComm headers) as `device`, to
@@ -774,9 +743,19 @@ pub async fn pack_message(
     plaintext: Value,
     mode: Envelope,
 ) -> Result<String, String> {
+    let msg: Message = serde_json::from_value(plaintext).map_err(|e| e.to_string())?;
+    pack(device, hub_did, msg, mode).await
+}
+
+/// Packs `msg` as `device` to `hub_did` in envelope `mode` (forward-wrapping off).
+async fn pack(
+    device: &Identity,
+    hub_did: &str,
+    msg: Message,
+    mode: Envelope,
+) -> Result<String, String> {
     let resolver = LocalResolver::new(16);
     let secrets = StaticSecrets::new(std::slice::from_ref(device));
-    let msg: Message = serde_json::from_value(plaintext).map_err(|e| e.to_string())?;
     let opts = PackEncryptedOptions {
         forward: false,
         ..PackEncryptedOptions::default()
@@ -802,6 +781,27 @@ pub async fn pack_message(
                 .0
         }
     })
+}
+
+/// `Message::unpack` alone, with the options [`Verifier::verify`] uses and none of its policy:
+/// the floor `didhub bench` compares the pipeline against (the efficiency ratio).
+pub async fn bare_unpack(
+    packed: &str,
+    resolver: &LocalResolver,
+    secrets: &StaticSecrets,
+) -> Result<(), String> {
+    Message::unpack(
+        packed,
+        resolver,
+        secrets,
+        &UnpackOptions {
+            expect_decrypt_by_all_keys: false,
+            unwrap_re_wrapping_forward: false,
+        },
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| e.to_string())
 }
 
 /// Unpacks a report addressed to `device` (tests and the `send --wait-report` path): returns the
