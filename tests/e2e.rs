@@ -732,3 +732,37 @@ fn validate_names_the_key_and_exits_78() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn hub_writes_its_own_stats_points_to_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mq = Mosquitto::start();
+    let cfg = d.join("hub.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{}\"\nstats_interval = \"200ms\"\n[mqtt]\nurl = \"{}\"\nclient_id = \"hub-stats\"\n[http]\nlisten = \"\"\n[[routes]]\ntopics = [\"devices/+/telemetry\"]\n",
+            d.join("state").display(),
+            mq.url()
+        ),
+    )
+    .unwrap();
+    let mut hub = Hub::start(&cfg);
+    hub.wait_for_log("connected to the broker", WAIT);
+    mqtt_publish(mq.port, "devices/x/telemetry", b"not json", 1, false);
+    let mut stats = Vec::new();
+    wait_until("a didhub_stats point counting the reject", WAIT, || {
+        stats = points(d, didhub::stats::STATS_MEASUREMENT);
+        stats.iter().any(|p| {
+            p.fields.get("rejected_invalid_message")
+                == Some(&didhub::mapping::FieldValue::Float(1.0))
+        })
+    });
+    let p = stats.last().unwrap();
+    assert_eq!(p.tags["hub"], hub_did(d));
+    for f in didhub::stats::STATS_FIELDS {
+        assert!(p.fields.contains_key(*f), "field {f} missing: {p:?}");
+    }
+    assert!(hub.terminate().success());
+}
