@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use didhub::did::Identity;
@@ -15,25 +15,6 @@ use didhub::verify::{pack_message, pack_post, unpack_report, Envelope, REPORT_TY
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn block<F: std::future::Future>(f: F) -> F::Output {
-    futures::executor::block_on(f)
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Writes a hub config for an external broker into `dir`.
 fn write_config(dir: &Path, mqtt_url: &str, store: &str, routes: &str) -> PathBuf {
@@ -71,13 +52,6 @@ workers = 2
         String::from_utf8_lossy(&out.stderr)
     );
     path
-}
-
-fn hub_did(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("state/hub.did"))
-        .unwrap()
-        .trim()
-        .to_string()
 }
 
 fn points(dir: &Path, measurement: &str) -> Vec<didhub::mapping::Point> {

@@ -28,14 +28,6 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Where a test's hub puts its points.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {

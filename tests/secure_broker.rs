@@ -20,25 +20,6 @@ use tempfile::TempDir;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn block<F: std::future::Future>(f: F) -> F::Output {
-    futures::executor::block_on(f)
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // A throwaway PKI
 // ---------------------------------------------------------------------------------------------
@@ -243,13 +224,6 @@ measurement = "telemetry"
         String::from_utf8_lossy(&out.stderr)
     );
     path
-}
-
-fn hub_did(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("state/hub.did"))
-        .unwrap()
-        .trim()
-        .to_string()
 }
 
 fn stored(dir: &Path) -> usize {

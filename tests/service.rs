@@ -15,14 +15,6 @@ use didhub::did::Identity;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A hub config for an external broker: `top` goes before the first table, `rest` after.
 fn config_text(dir: &Path, mqtt_url: &str, client_id: &str, top: &str, rest: &str) -> String {
     format!(
@@ -69,13 +61,6 @@ fn keygen(dir: &Path, name: &str) -> (PathBuf, Identity) {
     );
     let id = Identity::load(&path).unwrap();
     (path, id)
-}
-
-fn hub_did(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("state/hub.did"))
-        .unwrap()
-        .trim()
-        .to_string()
 }
 
 /// Publishes signed posts without reading hub.toml (it may be broken on purpose).

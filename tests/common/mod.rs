@@ -1619,3 +1619,37 @@ fn has_exited(pid: u32) -> bool {
         Err(_) => true,
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers every test file uses
+// ---------------------------------------------------------------------------------------------
+
+/// Runs a future to completion on this thread (packing and unpacking never really wait).
+pub fn block<F: std::future::Future>(f: F) -> F::Output {
+    futures::executor::block_on(f)
+}
+
+/// Now, in seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+/// Polls `f` every 50 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The hub DID a hub with `state_dir = dir/state` wrote on start.
+pub fn hub_did(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("state/hub.did"))
+        .expect("state/hub.did: the hub writes it on start")
+        .trim()
+        .to_string()
+}
