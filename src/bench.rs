@@ -72,6 +72,10 @@ pub struct BenchArgs {
     /// `pipeline.queue` in process.
     #[arg(long, default_value_t = 1024)]
     pub queue: usize,
+    /// In process: send every post through `Message::unpack`, without the hub's signed fast
+    /// path (to measure what the fast path saves).
+    #[arg(long)]
+    pub no_fast_path: bool,
     /// At most this many posts in the bare `Message::unpack` loop (0: skip it).
     #[arg(long, default_value_t = 50_000)]
     pub bare_limit: usize,
@@ -456,6 +460,12 @@ pub struct InProcessReport {
     pub did_cache_hits: u64,
     /// DID cache misses.
     pub did_cache_misses: u64,
+    /// Whether the signed fast path was on.
+    pub fast_path: bool,
+    /// Parsed-key cache hits (the signed fast path).
+    pub key_cache_hits: u64,
+    /// Parsed-key cache misses.
+    pub key_cache_misses: u64,
     /// RSS before the run (the corpus is resident), kB.
     pub rss_before_kb: u64,
     /// Peak RSS of the process during the run (`VmHWM` after a reset), kB.
@@ -544,7 +554,9 @@ fn run_in_dir(
     let cfg = Config::from_toml(&bench_config(dir, args, workers, require), "bench", &[])
         .map_err(|e| e.to_string())?;
     let stats = Arc::new(Stats::default());
-    let shared = Arc::new(Shared::from_config(&cfg, corpus.hub.clone(), stats.clone()));
+    let mut shared = Shared::from_config(&cfg, corpus.hub.clone(), stats.clone());
+    shared.verifier.set_fast_path(!args.no_fast_path);
+    let shared = Arc::new(shared);
     let db = cfg.db_path();
     let conn = store::open(&db).map_err(|e| format!("{}: {e}", db.display()))?;
 
@@ -634,6 +646,7 @@ fn run_in_dir(
     let accepted = stats.accepted.load(Ordering::Relaxed);
     let verify_count = stats.verify_count.load(Ordering::Relaxed).max(1);
     let (hits, misses) = shared.verifier.resolver().cache_stats();
+    let (key_hits, key_misses, _) = shared.verifier.resolver().key_cache_stats();
     Ok(InProcessReport {
         workers,
         require: require_str(require).into(),
@@ -653,6 +666,9 @@ fn run_in_dir(
         mean_batch: accepted as f64 / batches.max(1) as f64,
         did_cache_hits: hits,
         did_cache_misses: misses,
+        fast_path: !args.no_fast_path,
+        key_cache_hits: key_hits,
+        key_cache_misses: key_misses,
         rss_before_kb,
         peak_rss_kb,
         peak_rss_reset,
@@ -1266,7 +1282,14 @@ pub fn render_table(r: &BenchReport) -> String {
             ),
             (
                 "  DID cache".into(),
-                format!("{} hits, {} misses", p.did_cache_hits, p.did_cache_misses),
+                format!(
+                    "{} hits, {} misses; parsed keys {} hits, {} misses (fast path {})",
+                    p.did_cache_hits,
+                    p.did_cache_misses,
+                    p.key_cache_hits,
+                    p.key_cache_misses,
+                    if p.fast_path { "on" } else { "off" }
+                ),
             ),
             (
                 "  RSS".into(),
@@ -1454,6 +1477,7 @@ mod tests {
             require: None,
             max_batch: 16,
             queue: 8,
+            no_fast_path: false,
             bare_limit: 10,
             broker: None,
             connections: 1,

@@ -604,6 +604,11 @@ pub struct LocalResolver {
     statics: RwLock<HashMap<String, Arc<DIDDoc>>>,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Parsed Ed25519 authentication keys by kid (the signed fast path): a sharded, bounded
+    /// cache, so verify workers do not queue on one lock and no key is decoded twice.
+    keys: quick_cache::sync::Cache<String, VerifyingKey>,
+    key_hits: AtomicU64,
+    key_misses: AtomicU64,
 }
 
 impl LocalResolver {
@@ -614,12 +619,17 @@ impl LocalResolver {
             statics: RwLock::new(HashMap::new()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            keys: quick_cache::sync::Cache::new(cache_capacity.max(1)),
+            key_hits: AtomicU64::new(0),
+            key_misses: AtomicU64::new(0),
         }
     }
 
     /// Adds (or replaces) a static document, served for `doc.id`.
     pub fn add_static_doc(&self, doc: DIDDoc) {
         let mut statics = self.statics.write().unwrap_or_else(|e| e.into_inner());
+        // Keys parsed from an earlier document for this DID must not outlive it.
+        self.keys.clear();
         statics.insert(doc.id.clone(), Arc::new(doc));
     }
 
@@ -668,6 +678,58 @@ impl LocalResolver {
     /// Number of documents currently cached.
     pub fn cache_len(&self) -> usize {
         self.cache().entries.len()
+    }
+
+    /// The Ed25519 key that `kid` (a DID URL) names, if the signer's document lists `kid` under
+    /// `authentication` and its verification method is a `JsonWebKey2020` OKP Ed25519 JWK: the
+    /// exact conditions under which `didcomm` would verify an EdDSA signature with it.
+    /// `None` for anything else (the caller then lets `didcomm` decide and explain).
+    /// Keys are parsed once and cached; see [`key_cache_stats`](LocalResolver::key_cache_stats).
+    pub fn signing_key(&self, kid: &str) -> Option<VerifyingKey> {
+        if let Some(key) = self.keys.get(kid) {
+            self.key_hits.fetch_add(1, Ordering::Relaxed);
+            return Some(key);
+        }
+        self.key_misses.fetch_add(1, Ordering::Relaxed);
+        let (did, fragment) = kid.split_once('#')?;
+        if fragment.is_empty() {
+            return None;
+        }
+        let doc = self.resolve_checked(did).ok()?;
+        if !doc.authentication.iter().any(|k| k == kid) {
+            return None;
+        }
+        let vm = doc.verification_method.iter().find(|vm| vm.id == kid)?;
+        let VerificationMaterial::JWK {
+            public_key_jwk: jwk,
+        } = &vm.verification_material
+        else {
+            return None;
+        };
+        if !matches!(vm.type_, VerificationMethodType::JsonWebKey2020)
+            || jwk.get("kty").and_then(Value::as_str) != Some("OKP")
+            || jwk.get("crv").and_then(Value::as_str) != Some("Ed25519")
+        {
+            return None;
+        }
+        let x = URL_SAFE_NO_PAD
+            .decode(jwk.get("x").and_then(Value::as_str)?)
+            .ok()?;
+        let key = VerifyingKey::from_bytes(&<[u8; 32]>::try_from(x.as_slice()).ok()?).ok()?;
+        if key.is_weak() {
+            return None;
+        }
+        self.keys.insert(kid.to_owned(), key);
+        Some(key)
+    }
+
+    /// `(hits, misses, cached)` of the parsed-key cache since creation.
+    pub fn key_cache_stats(&self) -> (u64, u64, usize) {
+        (
+            self.key_hits.load(Ordering::Relaxed),
+            self.key_misses.load(Ordering::Relaxed),
+            self.keys.len(),
+        )
     }
 }
 

@@ -67,6 +67,10 @@ pub const MQTT_CONNECTED: &str = "didhub_mqtt_connected";
 pub const DID_CACHE_HITS: &str = "didhub_did_cache_hits";
 /// DID documents decoded because they were not cached (counter).
 pub const DID_CACHE_MISSES: &str = "didhub_did_cache_misses";
+/// Counter: signer keys served already parsed (the signed fast path).
+pub const KEY_CACHE_HITS: &str = "didhub_key_cache_hits";
+/// Counter: signer keys looked up in a DID document and parsed.
+pub const KEY_CACHE_MISSES: &str = "didhub_key_cache_misses";
 
 /// Latency buckets, 50 µs to 30 s: verification is sub-millisecond to a few ms, writes to
 /// InfluxDB milliseconds to the 30 s request timeout.
@@ -372,6 +376,19 @@ impl Collector for Scrape {
             &mut e,
             DID_CACHE_MISSES,
             "DID documents resolved because they were not cached.",
+            misses,
+        )?;
+        let (hits, misses, _) = s.shared.verifier.resolver().key_cache_stats();
+        counter(
+            &mut e,
+            KEY_CACHE_HITS,
+            "Signer keys served already parsed (signed fast path).",
+            hits,
+        )?;
+        counter(
+            &mut e,
+            KEY_CACHE_MISSES,
+            "Signer keys looked up in a DID document and parsed.",
             misses,
         )?;
         Ok(())
