@@ -42,6 +42,9 @@ pub struct SendPlan {
     pub seq_start: u64,
     /// Print progress on stderr.
     pub progress: bool,
+    /// Give up when the broker makes no progress for this long (see [`send_with`]; the CLI's
+    /// default, 60 s, was the acknowledgement wait before there was a flag).
+    pub timeout: Duration,
 }
 
 /// How `send` authenticates to the broker and secures the connection (`mqtts://` URLs).
@@ -130,6 +133,11 @@ pub async fn send(plan: SendPlan) -> Result<SendSummary, String> {
 }
 
 /// Packs and publishes posts, with credentials and TLS from `conn`.
+///
+/// `plan.timeout` bounds every wait on the broker, so a broker that disappears mid-run ends the
+/// run with an error instead of a hang: the connection (at most 10 s), each publish (the client's
+/// request queue fills while the broker is away) and, with QoS 1, the time without an
+/// acknowledgement while a post waits for one. Waits for `--rate` are not waits on the broker.
 pub async fn send_with(plan: SendPlan, conn: &Connection) -> Result<SendSummary, String> {
     let url = parse_broker_url(&plan.broker)?;
     let (host, port) = (url.host.clone(), url.port);
@@ -192,7 +200,8 @@ pub async fn send_with(plan: SendPlan, conn: &Connection) -> Result<SendSummary,
         }
     });
     // Wait for the connection so a wrong broker address fails fast and clearly.
-    let connected = tokio::time::timeout(Duration::from_secs(10), async {
+    let connect_wait = plan.timeout.min(Duration::from_secs(10));
+    let connected = tokio::time::timeout(connect_wait, async {
         loop {
             if conn_rx.changed().await.is_err() {
                 return Err("connection task ended".to_string());
@@ -203,13 +212,58 @@ pub async fn send_with(plan: SendPlan, conn: &Connection) -> Result<SendSummary,
         }
     })
     .await
-    .map_err(|_| format!("no answer from the broker {} within 10 s", plan.broker))?;
-    connected.map_err(|e| format!("cannot connect: {e}"))?;
+    .map_err(|_| {
+        poll.abort();
+        format!(
+            "no answer from the broker {} within {}",
+            plan.broker,
+            humantime::format_duration(connect_wait)
+        )
+    })?;
+    if let Err(e) = connected {
+        poll.abort();
+        return Err(format!("cannot connect: {e}"));
+    }
 
     let qos = if plan.qos == 0 {
         QoS::AtMostOnce
     } else {
         QoS::AtLeastOnce
+    };
+    // Ends the run when the broker made no progress for `plan.timeout`: names the broker and
+    // says how far the run got, so a script can tell a dead broker from a slow one.
+    let give_up = |published: u64| -> String {
+        if plan.progress {
+            eprintln!();
+        }
+        poll.abort();
+        let last_error = match conn_rx.borrow().clone() {
+            Some(Err(why)) => format!("; last error: {why}"),
+            _ => String::new(),
+        };
+        let acks = if qos == QoS::AtLeastOnce {
+            format!("{} acknowledged", acked.load(Ordering::Relaxed))
+        } else {
+            "none acknowledged (QoS 0)".to_string()
+        };
+        format!(
+            "gave up on the broker {}: no progress for {} (--timeout); {published} of {} posts \
+             handed to the MQTT client, {acks}{last_error}",
+            plan.broker,
+            humantime::format_duration(plan.timeout),
+            plan.count,
+        )
+    };
+    // QoS 1: the broker's progress is its acknowledgements. The clock runs only while a post
+    // waits for one, so a slow --rate is not a stall.
+    let (mut ack_seen, mut ack_since) = (0u64, Instant::now());
+    let mut ack_stalled = |published: u64| -> bool {
+        let now_acked = acked.load(Ordering::Relaxed);
+        if now_acked > ack_seen || now_acked >= published {
+            (ack_seen, ack_since) = (now_acked, Instant::now());
+            return false;
+        }
+        ack_since.elapsed() >= plan.timeout
     };
     let start = Instant::now();
     let mut last_progress = Instant::now();
@@ -218,16 +272,25 @@ pub async fn send_with(plan: SendPlan, conn: &Connection) -> Result<SendSummary,
             let due = start + Duration::from_secs_f64(i as f64 / rate);
             tokio::time::sleep_until(due.into()).await;
         }
+        if qos == QoS::AtLeastOnce && ack_stalled(i) {
+            return Err(give_up(i));
+        }
         let mut payload = plan.payload.clone();
         if let (Some(f), Value::Object(m)) = (&plan.seq_field, &mut payload) {
             m.insert(f.clone(), Value::from(plan.seq_start + i));
         }
         let id = uuid::Uuid::new_v4().to_string();
         let packed = pack_post(&plan.device, &plan.to, &id, payload, plan.mode, now_secs()).await?;
-        client
-            .publish(plan.topic.clone(), qos, false, packed.into_bytes())
-            .await
-            .map_err(|e| format!("publish failed: {e}"))?;
+        // The request queue is bounded: while the broker is away it fills and publish waits.
+        match tokio::time::timeout(
+            plan.timeout,
+            client.publish(plan.topic.clone(), qos, false, packed.into_bytes()),
+        )
+        .await
+        {
+            Ok(r) => r.map_err(|e| format!("publish failed: {e}"))?,
+            Err(_) => return Err(give_up(i)),
+        }
         if plan.count == 1 {
             eprintln!(
                 "sent post {id} ({}) to {} on {}",
@@ -250,13 +313,16 @@ pub async fn send_with(plan: SendPlan, conn: &Connection) -> Result<SendSummary,
         }
     }
     if qos == QoS::AtLeastOnce {
-        let wait_until = Instant::now() + Duration::from_secs(60);
-        while acked.load(Ordering::Relaxed) < plan.count && Instant::now() < wait_until {
+        while acked.load(Ordering::Relaxed) < plan.count {
+            if ack_stalled(plan.count) {
+                return Err(give_up(plan.count));
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
     let elapsed = start.elapsed();
-    let _ = client.disconnect().await;
+    // With QoS 0 and the broker gone the request queue may be full: do not wait for room.
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.disconnect()).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), poll).await;
     let summary = SendSummary {
         sent: plan.count,
@@ -444,5 +510,52 @@ mod tests {
             l.trim(),
             "telemetry,did=did:key:z6Mk note=\"a,b\",temp=21.5 1700000000000000000"
         );
+    }
+
+    /// A broker that accepts the connection and then never acknowledges a publish: the
+    /// acknowledgement wait must end at --timeout with the broker and the counts named.
+    #[tokio::test]
+    async fn send_gives_up_when_the_broker_stops_acknowledging() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let broker = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            let _ = sock.read(&mut buf).await;
+            // CONNACK, session not present, accepted; then swallow everything.
+            sock.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+            while sock.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+        let device = Identity::generate(crate::did::DidMethod::Key);
+        let hub = Identity::generate(crate::did::DidMethod::Key);
+        let plan = SendPlan {
+            device,
+            to: hub.did,
+            broker: format!("mqtt://127.0.0.1:{port}"),
+            topic: "devices/x/telemetry".into(),
+            payload: serde_json::json!({"v": 1}),
+            mode: Envelope::Signed,
+            count: 3,
+            rate: None,
+            qos: 1,
+            seq_field: None,
+            seq_start: 0,
+            progress: false,
+            timeout: Duration::from_millis(300),
+        };
+        let started = Instant::now();
+        let err = tokio::time::timeout(Duration::from_secs(30), send(plan))
+            .await
+            .expect("send returned")
+            .expect_err("no acknowledgement: an error");
+        assert!(started.elapsed() >= Duration::from_millis(300), "{err}");
+        assert!(
+            err.contains(&format!("mqtt://127.0.0.1:{port}")),
+            "names the broker: {err}"
+        );
+        assert!(err.contains("3 of 3 posts"), "{err}");
+        assert!(err.contains("0 acknowledged"), "{err}");
+        broker.abort();
     }
 }

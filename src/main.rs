@@ -106,6 +106,11 @@ enum Command {
         /// The first number for --seq-field.
         #[arg(long, default_value_t = 0)]
         seq_start: u64,
+        /// Give up (exit 1, naming the broker and the posts acknowledged so far) when the broker
+        /// makes no progress for this long: no connection (at most 10 s), no room to publish, or
+        /// (QoS 1) no acknowledgement while posts wait for one. E.g. 30s, 2m.
+        #[arg(long, default_value = "60s", value_parser = parse_timeout)]
+        timeout: Duration,
     },
     /// Show stored points from the embedded store.
     Query {
@@ -144,6 +149,14 @@ fn parse_mode(s: &str) -> Result<Envelope, String> {
     Envelope::parse(s).ok_or_else(|| {
         format!("`{s}`: use signed, authcrypt, anoncrypt, anoncrypt-signed, authcrypt-signed or plaintext")
     })
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be more than 0, e.g. 30s".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("`{s}`: {e}; use e.g. 30s, 2m")),
+    }
 }
 
 fn env_pairs() -> Vec<(String, String)> {
@@ -302,6 +315,7 @@ async fn real_main(cli: Cli) -> ExitCode {
             qos,
             seq_field,
             seq_start,
+            timeout,
         } => {
             let device = match didhub::did::Identity::load(&identity) {
                 Ok(d) => d,
@@ -365,7 +379,7 @@ async fn real_main(cli: Cli) -> ExitCode {
             let plan = didhub::cli::SendPlan {
                 device,
                 to,
-                broker,
+                broker: broker.clone(),
                 topic: topic.clone(),
                 payload,
                 mode,
@@ -375,6 +389,7 @@ async fn real_main(cli: Cli) -> ExitCode {
                 seq_field,
                 seq_start,
                 progress: count > 1,
+                timeout,
             };
             match didhub::cli::send_with(plan, &conn).await {
                 Ok(s) => {
@@ -391,8 +406,8 @@ async fn real_main(cli: Cli) -> ExitCode {
                     }
                     if qos == 1 && s.acked < s.sent {
                         return fail(format!(
-                            "only {} of {} posts were acknowledged by the broker within 60 s",
-                            s.acked, s.sent
+                            "only {} of {} posts were acknowledged by the broker {}",
+                            s.acked, s.sent, broker
                         ));
                     }
                     ExitCode::SUCCESS

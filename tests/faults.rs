@@ -82,7 +82,11 @@ fn seq_base(k: usize) -> u64 {
     (now_ms() - 86_400_000) / 100_000_000 * 100_000_000 + k as u64 * 10_000_000
 }
 
-/// Starts `devices` `didhub send` processes of `per_device` QoS 1 signed posts each.
+/// How long `join_senders` waits for all senders together.
+const SENDERS_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Starts `devices` `didhub send` processes of `per_device` QoS 1 signed posts each. Each is
+/// owned by a guard that kills it if the test fails before `join_senders`.
 fn start_senders(
     dir: &Path,
     cfg: &Path,
@@ -90,7 +94,7 @@ fn start_senders(
     per_device: u64,
     rate: Option<u64>,
     offset: u64,
-) -> Vec<std::thread::JoinHandle<std::process::Output>> {
+) -> Vec<ChildGuard> {
     (0..devices)
         .map(|k| {
             let key = dir.join(format!("dev{k}.json"));
@@ -120,17 +124,18 @@ fn start_senders(
                 args.push("--rate".into());
                 args.push(r.to_string());
             }
-            std::thread::spawn(move || {
-                let a: Vec<&str> = args.iter().map(String::as_str).collect();
-                didhub_with(&a, &[], None, Duration::from_secs(600))
-            })
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            didhub_spawn(&a, &[])
         })
         .collect()
 }
 
-fn join_senders(senders: Vec<std::thread::JoinHandle<std::process::Output>>) {
+/// Waits for every sender (all within `SENDERS_TIMEOUT`) and checks that each succeeded; on a
+/// failure the senders not yet waited for are killed as the vector drops.
+fn join_senders(senders: Vec<ChildGuard>) {
+    let deadline = Instant::now() + SENDERS_TIMEOUT;
     for s in senders {
-        let out = s.join().unwrap();
+        let out = s.wait_output(deadline.saturating_duration_since(Instant::now()));
         assert!(
             out.status.success(),
             "sender failed: {}",
@@ -504,26 +509,25 @@ fn store_refusals_retry_after_split_and_dead_letters() {
         );
     }
     let lines: String = payloads.iter().map(|p| format!("{p}\n")).collect();
-    let out = std::process::Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &mq.port.to_string(),
-            "-q",
-            "1",
-            "-t",
-            "devices/d0/telemetry",
-            "-l",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            c.stdin.take().unwrap().write_all(lines.as_bytes())?;
-            c.wait_with_output()
-        })
-        .unwrap();
-    assert!(out.status.success());
+    let mut publish = std::process::Command::new("mosquitto_pub");
+    publish.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &mq.port.to_string(),
+        "-q",
+        "1",
+        "-t",
+        "devices/d0/telemetry",
+        "-l",
+    ]);
+    let out = ChildGuard::spawn("mosquitto_pub", &mut publish, Some(lines.into_bytes()))
+        .wait_output(Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_until("35 good points accepted", Duration::from_secs(60), || {
         server.accepted.lock().unwrap().len() >= 35
     });
@@ -750,33 +754,33 @@ fn flood_of_10000_bad_messages_is_rate_limited_and_bounded() {
         &SubOptions::default(),
     );
     let started = Instant::now();
-    // 10 topics × 1000 messages of garbage, a message per line.
-    let mut pubs = Vec::new();
-    for k in 0..10 {
-        let lines: String = (0..1000).map(|i| format!("garbage {k} {i} {{\n")).collect();
-        let port = mq.port.to_string();
-        pubs.push(std::thread::spawn(move || {
-            let mut c = std::process::Command::new("mosquitto_pub")
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port,
-                    "-q",
-                    "1",
-                    "-t",
-                    &format!("devices/f{k}/telemetry"),
-                    "-l",
-                ])
-                .stdin(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            c.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
-            c.wait().unwrap()
-        }));
-    }
+    // 10 topics × 1000 messages of garbage, a message per line, published concurrently.
+    let pubs: Vec<ChildGuard> = (0..10)
+        .map(|k| {
+            let lines: String = (0..1000).map(|i| format!("garbage {k} {i} {{\n")).collect();
+            let mut publish = std::process::Command::new("mosquitto_pub");
+            publish.args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &mq.port.to_string(),
+                "-q",
+                "1",
+                "-t",
+                &format!("devices/f{k}/telemetry"),
+                "-l",
+            ]);
+            ChildGuard::spawn("mosquitto_pub", &mut publish, Some(lines.into_bytes()))
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
     for p in pubs {
-        assert!(p.join().unwrap().success());
+        let out = p.wait_output(deadline.saturating_duration_since(Instant::now()));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     // The next good post is stored at once after the flood.
     let key = d.join("good.json");
@@ -825,5 +829,62 @@ fn flood_of_10000_bad_messages_is_rate_limited_and_bounded() {
     assert!(
         summary.contains(&format!("reports_sent={sent}")),
         "{summary}"
+    );
+}
+
+#[test]
+fn send_gives_up_when_the_broker_disappears_mid_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut mq = Mosquitto::start();
+    let key = d.join("dev.json");
+    assert!(didhub(&["keygen", "--out", key.to_str().unwrap()])
+        .status
+        .success());
+    let hub_key = d.join("hub.json");
+    let hub = didhub(&["keygen", "--out", hub_key.to_str().unwrap()]);
+    assert!(hub.status.success());
+    let hub_did = String::from_utf8_lossy(&hub.stdout).trim().to_string();
+    let url = mq.url();
+    // Far more posts than the run could publish: only the deadline can end it.
+    let sender = didhub_spawn(
+        &[
+            "send",
+            "--identity",
+            key.to_str().unwrap(),
+            "--to",
+            &hub_did,
+            "--broker",
+            &url,
+            "--topic",
+            "devices/d0/telemetry",
+            "--count",
+            "100000000",
+            "--timeout",
+            "3s",
+            "--payload",
+            "{\"v\":1}",
+        ],
+        &[],
+    );
+    wait_until("the sender publishes", WAIT, || {
+        mq.log().count("Received PUBLISH from didhub-send-") >= 100
+    });
+    mq.kill9();
+    let gone = Instant::now();
+    // Generous: the deadline is 3 s; the bound only catches a hang (the guard kills it then).
+    let out = sender.wait_output(Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "[send deadline] exited {:?} after the broker vanished: {}",
+        gone.elapsed(),
+        stderr.lines().last().unwrap_or("")
+    );
+    assert!(!out.status.success(), "gave up with an error: {stderr}");
+    assert!(stderr.contains("gave up on the broker"), "{stderr}");
+    assert!(stderr.contains(&url), "names the broker: {stderr}");
+    assert!(
+        stderr.contains("acknowledged"),
+        "says how far it got: {stderr}"
     );
 }

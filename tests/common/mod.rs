@@ -1460,6 +1460,151 @@ pub fn didhub_with(
     }
 }
 
+/// A child a test starts and waits for itself (`didhub send`, `mosquitto_pub`), with its stdout
+/// and stderr collected. Dropped before the child was reaped (the test panicked, or never
+/// waited), it SIGKILLs the child by PID and reaps it: keep the guard in the test's own scope,
+/// not only in a thread, so that unwinding drops it.
+pub struct ChildGuard {
+    name: String,
+    child: Child,
+    status: Option<ExitStatus>,
+    stdin: Option<JoinHandle<()>>,
+    stdout: Option<JoinHandle<Vec<u8>>>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd` with stdout and stderr collected. `stdin` bytes are written by a thread that
+    /// owns only the pipe (so a child that reads slowly never blocks the test), then closed.
+    pub fn spawn(name: &str, cmd: &mut Command, stdin: Option<Vec<u8>>) -> ChildGuard {
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {name} ({cmd:?}): {e}"));
+        fn collect(r: Option<impl Read + Send + 'static>) -> Option<JoinHandle<Vec<u8>>> {
+            r.map(|mut r| {
+                thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let _ = r.read_to_end(&mut buf);
+                    buf
+                })
+            })
+        }
+        let stdout = collect(child.stdout.take());
+        let stderr = collect(child.stderr.take());
+        let stdin = match (stdin, child.stdin.take()) {
+            (Some(bytes), Some(mut pipe)) => Some(thread::spawn(move || {
+                // A child that exits (or is killed) without reading closes the pipe: not ours.
+                let _ = pipe.write_all(&bytes);
+            })),
+            _ => None,
+        };
+        ChildGuard {
+            name: name.to_owned(),
+            child,
+            status: None,
+            stdin,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// The child's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status if the child has exited (and reaps it).
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    /// Waits up to `timeout` for the child to exit and returns what it wrote; after `timeout`
+    /// it is SIGKILLed and the test panics with its stderr.
+    pub fn wait_output(mut self, timeout: Duration) -> Output {
+        let deadline = Instant::now() + timeout;
+        while self.try_status().is_none() {
+            if Instant::now() >= deadline {
+                let pid = self.pid();
+                self.kill9();
+                let stderr = self.take_output().1;
+                panic!(
+                    "{} (pid {pid}) still running after {timeout:?}; killed (SIGKILL). stderr:\n{}",
+                    self.name,
+                    String::from_utf8_lossy(&stderr)
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let status = self.kill9();
+        let (stdout, stderr) = self.take_output();
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// SIGKILL by PID unless already reaped, then reap; joins the stdin writer.
+    fn kill9(&mut self) -> ExitStatus {
+        let status = match self.try_status() {
+            Some(status) => status,
+            None => {
+                // Not reaped yet, so the PID still names our child (a zombie at worst).
+                let _ = self.child.kill();
+                let status = self.child.wait().expect("wait for killed child");
+                self.status = Some(status);
+                status
+            }
+        };
+        if let Some(writer) = self.stdin.take() {
+            let _ = writer.join();
+        }
+        status
+    }
+
+    /// What the (reaped) child wrote to stdout and stderr.
+    fn take_output(&mut self) -> (Vec<u8>, Vec<u8>) {
+        let join =
+            |h: Option<JoinHandle<Vec<u8>>>| h.and_then(|h| h.join().ok()).unwrap_or_default();
+        (join(self.stdout.take()), join(self.stderr.take()))
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if self.try_status().is_none() {
+            eprintln!(
+                "[harness] {} (pid {}) still running when its guard dropped: SIGKILL",
+                self.name,
+                self.pid()
+            );
+        }
+        self.kill9();
+        // Readers end once the child's pipes close; joining them leaves no thread behind.
+        self.take_output();
+    }
+}
+
+/// Starts a didhub CLI subcommand (e.g. a long `send`) without waiting: the guard kills it if
+/// the test ends first; `wait_output` collects it.
+pub fn didhub_spawn(args: &[&str], env: &[(&str, &str)]) -> ChildGuard {
+    ChildGuard::spawn(
+        &format!("didhub {args:?}"),
+        &mut didhub_command(args, env),
+        None,
+    )
+}
+
 /// The daemon, `didhub --config PATH run`, with stdout and stderr captured line by line.
 pub struct Hub {
     config: PathBuf,
