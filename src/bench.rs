@@ -196,6 +196,29 @@ pub fn thread_cpu_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time so far of this process's live threads, ns, in three groups by thread name:
+/// `(verify-*, committer, everything else)`.
+pub fn thread_cpu_groups() -> (u64, u64, u64) {
+    let (mut verify, mut committer, mut other) = (0, 0, 0);
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return (0, 0, 0);
+    };
+    for t in tasks.flatten() {
+        let dir = t.path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let ns: u64 = std::fs::read_to_string(dir.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        match name.trim() {
+            n if n.starts_with("verify-") => verify += ns,
+            "committer" => committer += ns,
+            _ => other += ns,
+        }
+    }
+    (verify, committer, other)
+}
+
 /// The 1-minute load average.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -452,6 +475,10 @@ pub struct InProcessReport {
     pub cores_busy: f64,
     /// Mean time inside `Verifier::verify` per post (per worker), µs.
     pub verify_us_per_msg: f64,
+    /// CPU of the verify worker threads per post, µs.
+    pub workers_cpu_us_per_msg: f64,
+    /// CPU of the committer thread per post, µs.
+    pub committer_cpu_us_per_msg: f64,
     /// Commit transactions.
     pub batches: u64,
     /// Mean posts per commit.
@@ -589,6 +616,9 @@ fn run_in_dir(
         .map_err(|e| format!("cannot start the committer: {e}"))?;
     let mut settled = 0u64;
     let n = corpus.posts.len();
+    // Held until the threads' CPU is read, so the workers and the committer are still alive.
+    let keep_open = in_tx.clone();
+    let threads0 = thread_cpu_groups();
     std::thread::scope(|s| {
         s.spawn(|| {
             // The ingest side: what the MQTT poll task does per message.
@@ -610,6 +640,9 @@ fn run_in_dir(
         let mut last = Instant::now();
         for _ in settled_rx.iter() {
             settled += 1;
+            if settled as usize == n {
+                break;
+            }
             if last.elapsed() >= Duration::from_millis(500) {
                 last = Instant::now();
                 progress(&format!(
@@ -621,6 +654,11 @@ fn run_in_dir(
     });
     let wall = t0.elapsed().as_secs_f64();
     let cpu = proc_cpu_secs("self").unwrap_or(0.0) - cpu0;
+    let threads1 = thread_cpu_groups();
+    drop(keep_open);
+    let per_msg = |a: u64, b: u64| a.saturating_sub(b) as f64 / n.max(1) as f64 / 1e3;
+    let workers_us = per_msg(threads1.0, threads0.0);
+    let committer_us = per_msg(threads1.1, threads0.1);
     let peak_rss_kb = proc_status_kb("self", "VmHWM").unwrap_or(0);
     let load_after = load_average();
     for h in worker_handles {
@@ -659,6 +697,8 @@ fn run_in_dir(
         cpu_secs: cpu,
         cpu_us_per_msg: cpu / n.max(1) as f64 * 1e6,
         cores_busy: cpu / wall.max(1e-9),
+        workers_cpu_us_per_msg: workers_us,
+        committer_cpu_us_per_msg: committer_us,
         verify_us_per_msg: stats.verify_nanos.load(Ordering::Relaxed) as f64
             / verify_count as f64
             / 1e3,
@@ -1274,6 +1314,15 @@ pub fn render_table(r: &BenchReport) -> String {
                 format!(
                     "{:.2} s, {:.1} µs/post, {:.2} cores busy; verify {:.1} µs/post",
                     p.cpu_secs, p.cpu_us_per_msg, p.cores_busy, p.verify_us_per_msg
+                ),
+            ),
+            (
+                "  CPU by thread".into(),
+                format!(
+                    "verify workers {:.1} µs/post, committer {:.1} µs/post, rest (feeder, drain) {:.1} µs/post",
+                    p.workers_cpu_us_per_msg,
+                    p.committer_cpu_us_per_msg,
+                    (p.cpu_us_per_msg - p.workers_cpu_us_per_msg - p.committer_cpu_us_per_msg).max(0.0)
                 ),
             ),
             (
