@@ -207,6 +207,7 @@ pub async fn run_with(
         conn,
         sink,
         max_batch: cfg.store.max_batch,
+        linger: crate::pipeline::COMMIT_LINGER,
         replay_window_ns: cfg.store.replay_window.as_nanos().min(i64::MAX as u128) as i64,
         shared: shared.clone(),
         outbox_notify: (sink == Sink::Outbox).then(|| outbox_notify.clone()),

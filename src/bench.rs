@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// `store.max_batch` in process.
     #[arg(long, default_value_t = 1024)]
     pub max_batch: usize,
+    /// In process: how long the committer lets a batch gather under load, ms
+    /// (the hub uses `pipeline::COMMIT_LINGER`).
+    #[arg(long, default_value_t = crate::pipeline::COMMIT_LINGER.as_secs_f64() * 1e3)]
+    pub linger_ms: f64,
     /// `pipeline.queue` in process.
     #[arg(long, default_value_t = 1024)]
     pub queue: usize,
@@ -594,6 +598,7 @@ fn run_in_dir(
         conn,
         sink: Sink::Embedded,
         max_batch: cfg.store.max_batch,
+        linger: Duration::from_secs_f64(args.linger_ms.max(0.0) / 1e3),
         replay_window_ns: i64::MAX,
         shared: shared.clone(),
         outbox_notify: None,
@@ -1525,6 +1530,7 @@ mod tests {
             workers: Some(2),
             require: None,
             max_batch: 16,
+            linger_ms: 2.0,
             queue: 8,
             no_fast_path: false,
             bare_limit: 10,
