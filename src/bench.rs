@@ -110,6 +110,9 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// The ship benchmark (`--ship-to URL`, in `bench_ship`).
+    #[command(flatten)]
+    pub ship: crate::bench_ship::ShipArgs,
 }
 
 fn parse_mode(s: &str) -> Result<Envelope, String> {
@@ -1466,6 +1469,9 @@ pub fn render_table(r: &BenchReport) -> String {
 
 /// `didhub bench`: runs, prints, and fails when a post was lost or duplicated.
 pub async fn main(args: BenchArgs) -> Result<(), String> {
+    if args.ship.ship_to.is_some() {
+        return crate::bench_ship::main(&args).await;
+    }
     let json = args.json;
     let r = run(args).await?;
     if json {
@@ -1543,6 +1549,7 @@ mod tests {
             commit_poll_ms: 2,
             stall_secs: 5,
             json: false,
+            ship: Default::default(),
         };
         let corpus = generate(&args, Identity::generate(DidMethod::Key)).unwrap();
         assert_eq!(corpus.posts.len(), 40);

@@ -694,6 +694,46 @@ pub struct InfluxConfig {
     /// Longest retry delay.
     #[serde(default = "default_backoff_max", with = "humantime_serde")]
     pub retry_max: Duration,
+    /// How write request bodies are encoded: `gzip` (default) or `identity`.
+    #[serde(default)]
+    pub content_encoding: ContentEncoding,
+}
+
+/// `store.influxdb.content_encoding`: the `Content-Encoding` of write requests.
+///
+/// gzip is the default, as in Telegraf's `influxdb_v2` output: line protocol shrinks about
+/// tenfold, and InfluxDB and VictoriaMetrics both accept it.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "String")]
+pub enum ContentEncoding {
+    /// Compressed with gzip at a fast level.
+    #[default]
+    Gzip,
+    /// Sent as it is.
+    Identity,
+}
+
+impl ContentEncoding {
+    /// The name used in `hub.toml` and in the `Content-Encoding` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContentEncoding::Gzip => "gzip",
+            ContentEncoding::Identity => "identity",
+        }
+    }
+}
+
+// Through a string, so that a bad value is named with the choices (a plain enum only says
+// "does not have variant constructor").
+impl TryFrom<String> for ContentEncoding {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "gzip" => Ok(ContentEncoding::Gzip),
+            "identity" => Ok(ContentEncoding::Identity),
+            _ => Err(format!("`{s}` is not `gzip` or `identity`")),
+        }
+    }
 }
 
 fn default_ship_batch() -> usize {
@@ -1402,6 +1442,35 @@ mod tests {
         .unwrap();
         let e = parse(&format!("{MIN}[mqtt]\nprotocol = \"5\"\n")).unwrap_err();
         assert!(e.to_string().contains("protocol"), "{e}");
+    }
+
+    #[test]
+    fn influx_content_encoding_defaults_to_gzip_and_names_a_bad_value() {
+        let influx = "[store]\nkind = \"influxdb\"\n[store.influxdb]\nurl = \"http://x\"\nbucket = \"b\"\ntoken = \"t\"\n";
+        let c = parse(&format!("{MIN}{influx}")).unwrap();
+        let i = c.store.influxdb.unwrap();
+        assert_eq!(i.content_encoding, ContentEncoding::Gzip);
+        assert_eq!(i.batch_size, 5000);
+        let c = parse(&format!("{MIN}{influx}content_encoding = \"identity\"\n")).unwrap();
+        assert_eq!(
+            c.store.influxdb.unwrap().content_encoding,
+            ContentEncoding::Identity
+        );
+        let e = parse(&format!("{MIN}{influx}content_encoding = \"br\"\n")).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("content_encoding") && e.contains("br") && e.contains("gzip"),
+            "{e}"
+        );
+        let env = vec![(
+            "HUB__STORE__INFLUXDB__CONTENT_ENCODING".to_string(),
+            "identity".to_string(),
+        )];
+        let c = Config::from_toml(&format!("{MIN}{influx}"), "t", &env).unwrap();
+        assert_eq!(
+            c.store.influxdb.unwrap().content_encoding,
+            ContentEncoding::Identity
+        );
     }
 
     #[test]

@@ -24,10 +24,12 @@
 //! - [`app`]: `run()`: wiring and ordered shutdown.
 //! - [`cli`]: the device-side `send` and the operator's `query`.
 //! - [`bench`]: `didhub bench`, the load generator and in-process pipeline benchmark.
+//! - [`bench_ship`]: `didhub bench --ship-to URL`, the shipper alone against a real store.
 //! - `broker`: the embedded rumqttd broker (feature `embedded-broker`).
 
 pub mod app;
 pub mod bench;
+pub mod bench_ship;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod cli;

@@ -360,6 +360,8 @@ struct Scripted {
     port: u16,
     accepted: Arc<Mutex<Vec<String>>>,
     log: Arc<Mutex<Vec<(Instant, u16, usize)>>>,
+    /// Requests that came with `Content-Encoding: gzip`.
+    gzips: Arc<std::sync::atomic::AtomicUsize>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -372,7 +374,8 @@ impl Scripted {
         let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
         let log: Arc<Mutex<Vec<(Instant, u16, usize)>>> = Arc::default();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (acc, lg, st) = (accepted.clone(), log.clone(), stop.clone());
+        let gzipped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (acc, lg, st, gzips) = (accepted.clone(), log.clone(), stop.clone(), gzipped.clone());
         let thread = std::thread::spawn(move || {
             let mut n = 0usize;
             while !st.load(std::sync::atomic::Ordering::Relaxed) {
@@ -394,20 +397,33 @@ impl Scripted {
                     if reader.read_line(&mut line).unwrap_or(0) == 0 {
                         break;
                     }
-                    let mut len = 0usize;
+                    let (mut len, mut gzip) = (0usize, false);
                     loop {
                         let mut h = String::new();
                         if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
                             break;
                         }
-                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        let h = h.to_ascii_lowercase();
+                        if let Some(v) = h.strip_prefix("content-length:") {
                             len = v.trim().parse().unwrap_or(0);
+                        }
+                        if let Some(v) = h.strip_prefix("content-encoding:") {
+                            gzip = v.trim() == "gzip";
                         }
                     }
                     let mut body = vec![0u8; len];
                     if reader.read_exact(&mut body).is_err() {
                         break;
                     }
+                    if gzip {
+                        // The shipper gzips by default (store.influxdb.content_encoding).
+                        let mut plain = Vec::new();
+                        flate2::read::GzDecoder::new(&body[..])
+                            .read_to_end(&mut plain)
+                            .expect("a gzip body");
+                        body = plain;
+                    }
+                    gzips.fetch_add(usize::from(gzip), std::sync::atomic::Ordering::Relaxed);
                     let body = String::from_utf8_lossy(&body).to_string();
                     if !line.starts_with("POST") {
                         // The start-up health check: not part of the script.
@@ -452,6 +468,7 @@ impl Scripted {
             port,
             accepted,
             log,
+            gzips: gzipped,
             stop,
             thread: Some(thread),
         }
@@ -560,6 +577,11 @@ fn store_refusals_retry_after_split_and_dead_letters() {
         "{dead:?}"
     );
     let log = server.log.lock().unwrap().clone();
+    assert_eq!(
+        server.gzips.load(std::sync::atomic::Ordering::Relaxed),
+        log.len(),
+        "every write is gzipped by default"
+    );
     assert_eq!((log[0].1, log[1].1), (429, 503));
     // Retry-After is honoured: retry_min is 10 ms, so only the header explains these gaps.
     assert!(
