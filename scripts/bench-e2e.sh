@@ -21,8 +21,13 @@ while [[ $# -gt 0 ]]; do
 done
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-cargo build --release --quiet --manifest-path "$root/Cargo.toml"
-didhub="${CARGO_TARGET_DIR:-$root/target}/release/didhub"
+# DIDHUB_BIN=path: use that binary (e.g. to compare two builds) instead of building.
+if [[ -n ${DIDHUB_BIN:-} ]]; then
+    didhub=$DIDHUB_BIN
+else
+    cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+    didhub="${CARGO_TARGET_DIR:-$root/target}/release/didhub"
+fi
 mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 
 dir=$(mktemp -d /tmp/didhub-bench.XXXXXX)
@@ -65,6 +70,7 @@ bucket = \"bench\"
 token = \"unused\""
 fi
 
+http_port=$(free_port)
 mkdir -p "$dir/state"
 cat >"$dir/hub.toml" <<EOF
 state_dir = "$dir/state"
@@ -77,7 +83,7 @@ inflight = 100
 [broker]
 embedded = false
 [http]
-listen = ""
+listen = "127.0.0.1:$http_port"
 [log]
 level = "warn"
 $store_toml
@@ -90,7 +96,8 @@ senders = "any-verified"
 measurement = "telemetry"
 EOF
 
-"$didhub" --config "$dir/hub.toml" run >"$dir/hub.log" 2>&1 &
+# DIDHUB_HUB_BIN=path: run that hub binary (A/B comparisons), with this build as the generator.
+"${DIDHUB_HUB_BIN:-$didhub}" --config "$dir/hub.toml" run >"$dir/hub.log" 2>&1 &
 hub=$!
 pids+=($hub)
 for _ in $(seq 1 100); do
@@ -108,7 +115,7 @@ if [[ -n ${DIDHUB_PERF:-} ]]; then
 fi
 
 "$didhub" bench --broker "mqtt://127.0.0.1:$mq_port" --hub-identity "$dir/state/identity.json" \
-    --hub-pid "$hub" --hub-db "$dir/state/didhub.db" "$@"
+    --hub-pid "$hub" --hub-db "$dir/state/didhub.db" --hub-metrics "http://127.0.0.1:$http_port/metrics" "$@"
 
 if [[ -n ${DIDHUB_PERF:-} ]]; then
     kill -INT "$perf_pid" && wait "$perf_pid" || true

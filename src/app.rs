@@ -197,7 +197,8 @@ pub async fn run_with(
     };
     let (in_tx, in_rx) = flume::bounded(cfg.pipeline.queue);
     let (work_tx, work_rx) = flume::bounded(cfg.pipeline.queue);
-    let (settled_tx, settled_rx) = flume::bounded(cfg.pipeline.queue);
+    // Whole commit batches: a few are enough to keep the acker busy.
+    let (settled_tx, settled_rx) = flume::bounded(8);
     let stats_tx = work_tx.clone();
     let heartbeat_tx = work_tx.clone();
     let worker_handles = pipeline::spawn_workers(workers, shared.clone(), in_rx, work_tx);

@@ -98,6 +98,10 @@ pub struct BenchArgs {
     /// The hub's PID: its CPU seconds and peak RSS are read from /proc.
     #[arg(long)]
     pub hub_pid: Option<u32>,
+    /// The hub's `/metrics` URL: its DID-document and signer-key cache hit rates and commit
+    /// batch sizes are read from it after the run.
+    #[arg(long)]
+    pub hub_metrics: Option<String>,
     /// The hub's SQLite store (read-only): commit latency and the exactly-once check.
     #[arg(long)]
     pub hub_db: Option<PathBuf>,
@@ -596,7 +600,8 @@ fn run_in_dir(
 
     let (in_tx, in_rx) = flume::bounded(cfg.pipeline.queue);
     let (work_tx, work_rx) = flume::bounded(cfg.pipeline.queue);
-    let (settled_tx, settled_rx) = flume::bounded(cfg.pipeline.queue);
+    // Whole commit batches: a few are enough to keep the acker busy.
+    let (settled_tx, settled_rx) = flume::bounded(8);
     let committer = Committer {
         conn,
         sink: Sink::Embedded,
@@ -646,9 +651,9 @@ fn run_in_dir(
             drop(in_tx);
         });
         let mut last = Instant::now();
-        for _ in settled_rx.iter() {
-            settled += 1;
-            if settled as usize == n {
+        for batch in settled_rx.iter() {
+            settled += batch.len() as u64;
+            if settled as usize >= n {
                 break;
             }
             if last.elapsed() >= Duration::from_millis(500) {
@@ -811,6 +816,8 @@ pub struct EndToEndReport {
     pub hub_rss_max_sampled_kb: Option<u64>,
     /// This process's CPU during the run, s (the generator shares the machine).
     pub generator_cpu_secs: f64,
+    /// Counters read from the hub's `/metrics` after the run (cumulative since the hub started).
+    pub hub_metrics: Option<HubMetrics>,
     /// Rows of this run in the hub's store.
     pub rows: Option<u64>,
     /// Distinct ids among them.
@@ -821,6 +828,48 @@ pub struct EndToEndReport {
     pub load_before: String,
     /// Load average at the end.
     pub load_after: String,
+}
+
+/// Counters from the hub's `/metrics` (cumulative since it started).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HubMetrics {
+    /// `didhub_did_cache_hits_total`.
+    pub did_cache_hits: f64,
+    /// `didhub_did_cache_misses_total`.
+    pub did_cache_misses: f64,
+    /// `didhub_key_cache_hits_total`.
+    pub key_cache_hits: f64,
+    /// `didhub_key_cache_misses_total`.
+    pub key_cache_misses: f64,
+    /// `didhub_commit_batch_size_count`: commits.
+    pub commits: f64,
+    /// `didhub_commit_batch_size_sum`: messages committed.
+    pub committed: f64,
+}
+
+/// Reads [`HubMetrics`] from a Prometheus text page.
+pub async fn scrape_hub_metrics(url: &str) -> Result<HubMetrics, String> {
+    let body = reqwest::get(url)
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| format!("{url}: {e}"))?
+        .text()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .next()
+            .unwrap_or(0.0)
+    };
+    Ok(HubMetrics {
+        did_cache_hits: value("didhub_did_cache_hits_total"),
+        did_cache_misses: value("didhub_did_cache_misses_total"),
+        key_cache_hits: value("didhub_key_cache_hits_total"),
+        key_cache_misses: value("didhub_key_cache_misses_total"),
+        commits: value("didhub_commit_batch_size_count"),
+        committed: value("didhub_commit_batch_size_sum"),
+    })
 }
 
 /// What one connection's poll task collected.
@@ -1160,6 +1209,16 @@ pub async fn run_end_to_end(
         hub_peak_rss_reset,
         hub_rss_max_sampled_kb: hub_pid.is_some().then(|| rss_max.load(Ordering::Relaxed)),
         generator_cpu_secs: gen_cpu,
+        hub_metrics: match &args.hub_metrics {
+            Some(url) => match scrape_hub_metrics(url).await {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the hub's metrics");
+                    None
+                }
+            },
+            None => None,
+        },
         rows,
         distinct_ids,
         exactly_once: rows
@@ -1439,6 +1498,26 @@ pub fn render_table(r: &BenchReport) -> String {
                 format!("{:.2} s", e.generator_cpu_secs),
             ),
             (
+                "  hub caches".into(),
+                match &e.hub_metrics {
+                    Some(m) => {
+                        let rate = |h: f64, m: f64| 100.0 * h / (h + m).max(1.0);
+                        format!(
+                            "signer keys {:.0} hits / {:.0} misses ({:.1} % hits); DID documents {:.0} / {:.0} ({:.1} %); {:.0} commits, {:.0} posts/commit (since the hub started)",
+                            m.key_cache_hits,
+                            m.key_cache_misses,
+                            rate(m.key_cache_hits, m.key_cache_misses),
+                            m.did_cache_hits,
+                            m.did_cache_misses,
+                            rate(m.did_cache_hits, m.did_cache_misses),
+                            m.commits,
+                            m.committed / m.commits.max(1.0)
+                        )
+                    }
+                    None => "- (pass --hub-metrics)".into(),
+                },
+            ),
+            (
                 "  exactly once".into(),
                 match (e.exactly_once, e.rows, e.distinct_ids) {
                     (Some(ok), Some(r), Some(d)) => format!(
@@ -1545,6 +1624,7 @@ mod tests {
             rate: None,
             inflight: 16,
             hub_pid: None,
+            hub_metrics: None,
             hub_db: None,
             commit_poll_ms: 2,
             stall_secs: 5,

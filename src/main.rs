@@ -202,10 +202,17 @@ fn main() -> ExitCode {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The hub's async tasks (MQTT, acks, shipping, HTTP) are light: verification and commits run
+    // on their own threads. On one runtime thread those tasks wake each other without crossing
+    // threads; `bench` and the other commands keep the multi-threaded runtime.
+    let rt = if matches!(cli.command, Command::Run) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
+    .enable_all()
+    .build();
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };

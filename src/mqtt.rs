@@ -597,7 +597,7 @@ pub async fn poll_loop(
 /// It never waits on rumqttc's request channel: the poll task may itself be waiting for room in
 /// the pipeline, and the pipeline for this task (a cycle that deadlocks under a large
 /// redelivered backlog). Acks that do not fit are kept, in order, and retried shortly.
-pub async fn acker(rx: flume::Receiver<Settled>, client: Client, stats: Arc<Stats>) {
+pub async fn acker(rx: flume::Receiver<Vec<Settled>>, client: Client, stats: Arc<Stats>) {
     let mut reorder = Reorder::new(0);
     let mut waiting: VecDeque<Publish> = VecDeque::new();
     let mut open = true;
@@ -615,15 +615,17 @@ pub async fn acker(rx: flume::Receiver<Settled>, client: Client, stats: Arc<Stat
             tokio::time::sleep(Duration::from_millis(2)).await;
             continue;
         };
-        let Some(s) = next else {
+        let Some(next) = next else {
             open = false;
             for s in reorder.drain() {
                 settle(&client, &stats, s, &mut waiting);
             }
             continue;
         };
-        for s in reorder.push(s) {
-            settle(&client, &stats, s, &mut waiting);
+        for s in next {
+            for s in reorder.push(s) {
+                settle(&client, &stats, s, &mut waiting);
+            }
         }
     }
 }

@@ -742,24 +742,27 @@ impl Committer {
     }
 
     /// Runs until `rx` closes; returns the first fatal store error.
+    /// Settled messages leave in one `Vec` per batch: one channel send (and at most one wake of
+    /// the acker) per commit instead of one per message.
     pub fn run(
         mut self,
         rx: flume::Receiver<Work>,
-        tx: flume::Sender<Settled>,
+        tx: flume::Sender<Vec<Settled>>,
     ) -> Result<(), store::StoreError> {
         let mut last_expiry = Instant::now();
         let mut last_len = 0usize;
         while let Ok(first) = rx.recv() {
             let deadline = Instant::now() + self.linger;
             let mut batch = vec![first];
+            let mut lingered = last_len <= 1 || self.linger.is_zero();
             while batch.len() < self.max_batch {
                 match rx.try_recv() {
                     Ok(w) => batch.push(w),
-                    Err(_) if last_len > 1 && !self.linger.is_zero() => {
-                        match rx.recv_deadline(deadline) {
-                            Ok(w) => batch.push(w),
-                            Err(_) => break,
-                        }
+                    Err(flume::TryRecvError::Empty) if !lingered => {
+                        // Sleep rather than wait on the channel: waiting, every send would wake
+                        // this thread (a futex wake per message); one timer wake per batch.
+                        lingered = true;
+                        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
                     }
                     Err(_) => break,
                 }
@@ -794,6 +797,7 @@ impl Committer {
                 .added(committed.outbox_rows, committed.outbox_bytes);
             let mut results = committed.results.into_iter();
             let mut stored_any = committed.outbox_rows > 0;
+            let mut out = Vec::with_capacity(batch.len());
             for w in batch {
                 let settled = match w {
                     Work::Done(s) => s,
@@ -839,9 +843,10 @@ impl Committer {
                         Settled { seq, ack, report }
                     }
                 };
-                if tx.send(settled).is_err() {
-                    return Ok(());
-                }
+                out.push(settled);
+            }
+            if !out.is_empty() && tx.send(out).is_err() {
+                return Ok(());
             }
             if stored_any {
                 if let Some(n) = &self.outbox_notify {
