@@ -182,54 +182,27 @@ impl Batch {
 /// Up to `limit` outbox rows with `seq > after`, oldest first, straight into one buffer.
 ///
 /// The cursor lets the next batch be read while the previous one is still on the wire (its
-/// rows are still in the outbox until the store accepts them). Seqs only grow
-/// (`AUTOINCREMENT`, one writer at a time), so nothing can appear behind the cursor later.
-// Belongs beside `store::outbox_batch`; kept here while store.rs is being reworked.
+/// rows are still in the outbox until the store accepts them).
 fn read_batch(
     conn: &rusqlite::Connection,
     after: i64,
     limit: usize,
 ) -> Result<Batch, store::StoreError> {
-    let mut st =
-        conn.prepare_cached("SELECT seq, line FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
-    let mut rows = st.query(rusqlite::params![after, limit as i64])?;
     let mut batch = Batch {
         seqs: Vec::with_capacity(limit.min(100_000)),
         ends: Vec::with_capacity(limit.min(100_000)),
         lines: String::new(),
     };
-    while let Some(r) = rows.next()? {
-        let line = r.get_ref(1)?.as_str().map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, e.into())
-        })?;
+    store::outbox_scan_after(conn, after, limit, |seq, line| {
         if batch.lines.is_empty() {
             // Lines are alike: size the buffer once from the first.
             batch
                 .lines
                 .reserve((line.len() + 1) * limit.min(100_000) * 9 / 8);
         }
-        batch.push(r.get(0)?, line);
-    }
+        batch.push(seq, line);
+    })?;
     Ok(batch)
-}
-
-/// Deletes the outbox rows `seqs` (ascending), one statement per run of consecutive seqs,
-/// in one transaction: a batch is one run unless dead letters cut it.
-// Belongs beside `store::outbox_delete`; kept here while store.rs is being reworked.
-fn delete_runs(conn: &mut rusqlite::Connection, seqs: &[i64]) -> Result<(), store::StoreError> {
-    let tx = conn.transaction()?;
-    {
-        let mut st = tx.prepare_cached("DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2")?;
-        let mut start = 0;
-        for i in 1..=seqs.len() {
-            if i == seqs.len() || seqs[i] != seqs[i - 1] + 1 {
-                st.execute(rusqlite::params![seqs[start], seqs[i - 1]])?;
-                start = i;
-            }
-        }
-    }
-    tx.commit()?;
-    Ok(())
 }
 
 /// A write request body: the lines as they are, or gzipped in one pass over the whole buffer
@@ -387,7 +360,7 @@ impl Shipper {
         tokio::task::spawn_blocking(move || {
             let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
             if !accepted.seqs.is_empty() {
-                delete_runs(&mut c, &accepted.seqs)?;
+                store::outbox_delete(&mut c, &accepted.seqs)?;
                 let n = accepted.seqs.len();
                 stats.removed(n as i64, accepted.bytes);
                 stats.shipped.fetch_add(n as u64, Ordering::Relaxed);
@@ -638,12 +611,12 @@ mod tests {
             )
             .unwrap();
         }
-        delete_runs(&mut c, &[1, 2, 3, 5, 6, 9]).unwrap();
+        store::outbox_delete(&mut c, &[1, 2, 3, 5, 6, 9, 7]).unwrap();
         let left: Vec<i64> = read_batch(&c, 0, 100).unwrap().seqs;
-        assert_eq!(left, vec![4, 7, 8, 10]);
-        assert_eq!(read_batch(&c, 7, 1).unwrap().seqs, vec![8]);
-        delete_runs(&mut c, &[]).unwrap();
-        assert_eq!(store::outbox_len(&c).unwrap(), 4);
+        assert_eq!(left, vec![4, 8, 10]);
+        assert_eq!(read_batch(&c, 4, 1).unwrap().seqs, vec![8]);
+        store::outbox_delete(&mut c, &[]).unwrap();
+        assert_eq!(store::outbox_len(&c).unwrap(), 3);
     }
 
     /// A store that answers the POSTs in `script` order (204 once it runs out) and keeps the

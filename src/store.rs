@@ -219,13 +219,41 @@ pub fn outbox_batch(conn: &Connection, limit: usize) -> Result<Vec<(i64, String)
     Ok(rows)
 }
 
-/// Deletes outbox rows up to and including `last_seq` among `seqs` (after the store accepted them).
+/// Hands up to `limit` outbox rows with `seq > after` to `row`, oldest first, without copying
+/// the lines; returns how many. Seqs only grow (`AUTOINCREMENT`, one writer at a time), so a
+/// cursor never misses a row that appears later.
+pub fn outbox_scan_after(
+    conn: &Connection,
+    after: i64,
+    limit: usize,
+    mut row: impl FnMut(i64, &str),
+) -> Result<usize, StoreError> {
+    let mut st =
+        conn.prepare_cached("SELECT seq, line FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+    let mut rows = st.query(params![after, limit as i64])?;
+    let mut n = 0;
+    while let Some(r) = rows.next()? {
+        let line = r.get_ref(1)?.as_str().map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, e.into())
+        })?;
+        row(r.get(0)?, line);
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Deletes the outbox rows `seqs` (after the store accepted them), in one transaction and one
+/// statement per run of consecutive seqs: a shipped batch is one run unless dead letters cut it.
 pub fn outbox_delete(conn: &mut Connection, seqs: &[i64]) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
     {
-        let mut st = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
-        for s in seqs {
-            st.execute(params![s])?;
+        let mut st = tx.prepare_cached("DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2")?;
+        let mut start = 0;
+        for i in 1..=seqs.len() {
+            if i == seqs.len() || seqs[i] != seqs[i - 1] + 1 {
+                st.execute(params![seqs[start], seqs[i - 1]])?;
+                start = i;
+            }
         }
     }
     tx.commit()?;
