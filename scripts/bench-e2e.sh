@@ -1,47 +1,27 @@
 #!/usr/bin/env bash
 # End-to-end benchmark: mosquitto + the hub (release build) + `didhub bench`, all on this machine.
 #
-#   scripts/bench-e2e.sh [--require signed|authenticated|authcrypt|any] [--store embedded|influx] -- <didhub bench args>...
+#   scripts/bench-e2e.sh [--require signed|authenticated|authcrypt|any] -- <didhub bench args>...
 #
 # Starts mosquitto and the hub on free 127.0.0.1 ports in a temporary directory, runs
 # `didhub bench --broker … --hub-identity … --hub-pid … --hub-db …` with the given arguments
 # (e.g. `--mode signed -n 100000`), then stops both by PID (also on failure or Ctrl-C).
-# With `--store influx` the hub writes to a VictoriaMetrics it starts (needs victoria-metrics).
+# The hub uses its embedded store, which the exactly-once check reads; the InfluxDB shipper is
+# measured on its own by scripts/bench-ship.sh.
 set -euo pipefail
 
 require=signed
-store=embedded
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --require) require=$2; shift 2 ;;
-        --store) store=$2; shift 2 ;;
         --) shift; break ;;
         *) echo "unknown option $1 (bench arguments go after --)" >&2; exit 64 ;;
     esac
 done
 
-root=$(cd "$(dirname "$0")/.." && pwd)
-# DIDHUB_BIN=path: use that binary (e.g. to compare two builds) instead of building.
-if [[ -n ${DIDHUB_BIN:-} ]]; then
-    didhub=$DIDHUB_BIN
-else
-    cargo build --release --quiet --manifest-path "$root/Cargo.toml"
-    didhub="${CARGO_TARGET_DIR:-$root/target}/release/didhub"
-fi
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "$0")/bench-lib.sh"
 mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-
-dir=$(mktemp -d /tmp/didhub-bench.XXXXXX)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$dir"
-}
-trap cleanup EXIT INT TERM
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 
 mq_port=$(free_port)
 cat >"$dir/mosquitto.conf" <<EOF
@@ -55,20 +35,6 @@ pids+=($!)
 
 store_toml='[store]
 kind = "embedded"'
-if [[ $store == influx ]]; then
-    vm_port=$(free_port)
-    vm=$(command -v victoria-metrics || command -v victoria-metrics-prod || echo /usr/bin/victoria-metrics)
-    "$vm" -httpListenAddr "127.0.0.1:$vm_port" -storageDataPath "$dir/vm" -dedup.minScrapeInterval 1ms \
-        >"$dir/vm.log" 2>&1 &
-    pids+=($!)
-    store_toml="[store]
-kind = \"influxdb\"
-[store.influxdb]
-url = \"http://127.0.0.1:$vm_port\"
-organization = \"bench\"
-bucket = \"bench\"
-token = \"unused\""
-fi
 
 http_port=$(free_port)
 mkdir -p "$dir/state"

@@ -11,23 +11,8 @@
 # DIDHUB_PERF=file: profile the bench process during the drain (perf record -g -p).
 set -euo pipefail
 
-root=$(cd "$(dirname "$0")/.." && pwd)
-cargo build --release --quiet --manifest-path "$root/Cargo.toml"
-didhub="${CARGO_TARGET_DIR:-$root/target}/release/didhub"
-vm=$(command -v victoria-metrics || command -v victoria-metrics-prod || echo /usr/bin/victoria-metrics)
-
-dir=$(mktemp -d /tmp/didhub-bench-ship.XXXXXX)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$dir"
-}
-trap cleanup EXIT INT TERM
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "$0")/bench-lib.sh"
 
 port=$(free_port)
 "$vm" -httpListenAddr "127.0.0.1:$port" -storageDataPath "$dir/vm" \

@@ -1536,13 +1536,18 @@ pub fn render_table(r: &BenchReport) -> String {
     if let Some(x) = r.end_to_end_efficiency_ratio {
         rows.push(("efficiency (end to end)".into(), format!("{x:.3}")));
     }
+    align_rows(&rows)
+}
+
+/// `key  value` lines with the values aligned in one column (every bench table).
+pub fn align_rows<K: AsRef<str>, V: std::fmt::Display>(rows: &[(K, V)]) -> String {
     let w = rows
         .iter()
-        .map(|(k, _)| k.chars().count())
+        .map(|(k, _)| k.as_ref().chars().count())
         .max()
         .unwrap_or(0);
     rows.iter()
-        .map(|(k, v)| format!("{k:<w$}  {v}\n"))
+        .map(|(k, v)| format!("{:<w$}  {v}\n", k.as_ref()))
         .collect()
 }
 

@@ -533,14 +533,7 @@ pub fn render_table(r: &ShipReport) -> String {
         ),
         ("load", format!("{} → {}", r.load_before, r.load_after)),
     ];
-    let w = rows
-        .iter()
-        .map(|(k, _)| k.chars().count())
-        .max()
-        .unwrap_or(0);
-    rows.iter()
-        .map(|(k, v)| format!("{k:<w$}  {v}\n"))
-        .collect()
+    crate::bench::align_rows(&rows)
 }
 
 /// `didhub bench --ship-to URL`: runs, prints, and fails when points were not all shipped or

@@ -526,19 +526,7 @@ fn store_refusals_retry_after_split_and_dead_letters() {
         );
     }
     let lines: String = payloads.iter().map(|p| format!("{p}\n")).collect();
-    let mut publish = std::process::Command::new("mosquitto_pub");
-    publish.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &mq.port.to_string(),
-        "-q",
-        "1",
-        "-t",
-        "devices/d0/telemetry",
-        "-l",
-    ]);
-    let out = ChildGuard::spawn("mosquitto_pub", &mut publish, Some(lines.into_bytes()))
+    let out = mosquitto_pub_lines(mq.port, "devices/d0/telemetry", lines)
         .wait_output(Duration::from_secs(60));
     assert!(
         out.status.success(),
@@ -780,19 +768,7 @@ fn flood_of_10000_bad_messages_is_rate_limited_and_bounded() {
     let pubs: Vec<ChildGuard> = (0..10)
         .map(|k| {
             let lines: String = (0..1000).map(|i| format!("garbage {k} {i} {{\n")).collect();
-            let mut publish = std::process::Command::new("mosquitto_pub");
-            publish.args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &mq.port.to_string(),
-                "-q",
-                "1",
-                "-t",
-                &format!("devices/f{k}/telemetry"),
-                "-l",
-            ]);
-            ChildGuard::spawn("mosquitto_pub", &mut publish, Some(lines.into_bytes()))
+            mosquitto_pub_lines(mq.port, &format!("devices/f{k}/telemetry"), lines)
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -861,6 +861,24 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// Starts `mosquitto_pub -l` publishing each line of `lines` as one QoS 1 message to `topic`
+/// on `port`, without waiting: `wait_output` on the guard collects it, dropping it kills it.
+pub fn mosquitto_pub_lines(port: u16, topic: &str, lines: String) -> ChildGuard {
+    let mut cmd = Command::new(mosquitto_client("mosquitto_pub"));
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-q",
+        "1",
+        "-t",
+        topic,
+        "-l",
+    ]);
+    ChildGuard::spawn("mosquitto_pub", &mut cmd, Some(lines.into_bytes()))
+}
+
 /// Publishes one message with `mosquitto_pub` (`-q qos`, `-r` if `retain`); panics if it fails.
 pub fn mqtt_publish(port: u16, topic: &str, payload: &[u8], qos: u8, retain: bool) {
     let log = Log::default();
@@ -1401,63 +1419,12 @@ pub fn didhub_with(
     stdin: Option<&[u8]>,
     timeout: Duration,
 ) -> Output {
-    let mut cmd = didhub_command(args, env);
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run didhub {args:?}: {e}"));
-    let collect = |r: Option<Box<dyn Read + Send>>| {
-        thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let out = collect(
-        child
-            .stdout
-            .take()
-            .map(|r| Box::new(r) as Box<dyn Read + Send>),
-    );
-    let err = collect(
-        child
-            .stderr
-            .take()
-            .map(|r| Box::new(r) as Box<dyn Read + Send>),
-    );
-    if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // A CLI that exits without reading stdin closes the pipe: not our failure.
-        let _ = pipe.write_all(bytes);
-    }
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for didhub") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let stderr = err.join().unwrap_or_default();
-            panic!(
-                "didhub {args:?} still running after {timeout:?}; killed. stderr:\n{}",
-                String::from_utf8_lossy(&stderr)
-            );
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    }
+    ChildGuard::spawn(
+        &format!("didhub {args:?}"),
+        &mut didhub_command(args, env),
+        stdin.map(<[u8]>::to_vec),
+    )
+    .wait_output(timeout)
 }
 
 /// A child a test starts and waits for itself (`didhub send`, `mosquitto_pub`), with its stdout

@@ -1,0 +1,26 @@
+# Shared by the bench scripts (sourced): the didhub build, a temp dir, free ports, and servers
+# that are stopped by PID when the script exits (also on failure or Ctrl-C).
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+# DIDHUB_BIN=path: use that binary (e.g. to compare two builds) instead of building.
+if [[ -n ${DIDHUB_BIN:-} ]]; then
+    didhub=$DIDHUB_BIN
+else
+    cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+    didhub="${CARGO_TARGET_DIR:-$root/target}/release/didhub"
+fi
+vm=$(command -v victoria-metrics || command -v victoria-metrics-prod || echo /usr/bin/victoria-metrics)
+
+dir=$(mktemp -d /tmp/didhub-bench.XXXXXX)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$dir"
+}
+trap cleanup EXIT INT TERM
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
