@@ -1,16 +1,26 @@
 //! Raw MQTT bytes -> `Shared::process` (verify, route, map, report packing). Never panics.
+//! Payloads that may be a JWS are also verified with the signed fast path on and off; the
+//! verdicts must be the same (`check_fast_path`).
 #![no_main]
 
 use std::sync::OnceLock;
 
 use didhub::pipeline::Shared;
-use didhub_fuzz::{identity, run_one, shared, DEVICE_KEY_IDENTITY_JSON};
+use didhub_fuzz::{
+    check_fast_path, identity, run_one, shared, shared_slow, DEVICE_KEY_IDENTITY_JSON,
+};
 use libfuzzer_sys::fuzz_target;
 
-static SHARED: OnceLock<(Shared, String)> = OnceLock::new();
+static SHARED: OnceLock<(Shared, Shared, String)> = OnceLock::new();
 
 fuzz_target!(|data: &[u8]| {
-    let (shared, registered) =
-        SHARED.get_or_init(|| (shared(), identity(DEVICE_KEY_IDENTITY_JSON).did));
+    let (shared, slow, registered) = SHARED.get_or_init(|| {
+        (
+            shared(),
+            shared_slow(),
+            identity(DEVICE_KEY_IDENTITY_JSON).did,
+        )
+    });
     run_one(shared, registered, data);
+    check_fast_path(shared, slow, data);
 });

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use didhub::config::Config;
+use didhub::config::{Config, Require};
 use didhub::did::Identity;
 use didhub::pipeline::{Inbound, Shared, Stats, Work};
 
@@ -55,6 +55,34 @@ pub fn shared() -> Shared {
         identity(HUB_IDENTITY_JSON),
         Arc::new(Stats::default()),
     )
+}
+
+/// A `Shared` like [`shared`] with the verifier's signed fast path off: every message goes
+/// through `didcomm`'s `Message::unpack`. The oracle for [`check_fast_path`].
+pub fn shared_slow() -> Shared {
+    let mut s = shared();
+    s.verifier.set_fast_path(false);
+    s
+}
+
+/// Differential check of the signed fast path (`Verifier::fast_signed`): for a payload that
+/// could be a JWS (contains `signatures`), the verdict with the fast path on (`fast`) must be
+/// the same as with it off (`slow`, see [`shared_slow`]), for every requirement under which
+/// the fast path runs. Panics (= a finding) on a difference.
+pub fn check_fast_path(fast: &Shared, slow: &Shared, data: &[u8]) {
+    let (_, _, payload) = split_input(data);
+    if !payload.windows(10).any(|w| w == b"signatures") {
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for require in [Require::Any, Require::Signed, Require::Authenticated] {
+        let a = futures::executor::block_on(fast.verifier.verify(payload, require, now));
+        let b = futures::executor::block_on(slow.verifier.verify(payload, require, now));
+        let (a, b) = (format!("{a:?}"), format!("{b:?}"));
+        assert_eq!(a, b, "fast path verdict differs from didcomm's ({require:?})");
+    }
 }
 
 /// The topic byte that selects `topic` (without a Response Topic).

@@ -95,11 +95,13 @@ fn write_seeds(dir: &Path) {
     });
     let mut n = 0;
 
-    // Every envelope from both devices on the authenticated, open and registry routes.
+    // Every envelope from both devices on the authenticated, signed, open and registry routes
+    // (signed posts on all but authcrypt take the verifier's signed fast path).
     for (dname, dev) in &devices {
         for mode in ENVELOPES {
             for (tname, topic) in [
                 ("auth", "auth/dev1/t"),
+                ("signed", "signed/dev1/t"),
                 ("opents", "opents/dev1/x"),
                 ("reg", "reg/dev1/t"),
             ] {
