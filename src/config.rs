@@ -772,6 +772,13 @@ pub struct Limits {
     /// How far in the future `created_time` may be.
     #[serde(default = "default_skew", with = "humantime_serde")]
     pub clock_skew: Duration,
+    /// DID documents kept resolved (LRU; 0 = none). Authcrypt and a device's first signed post
+    /// need the document; a few KiB each.
+    #[serde(default = "default_did_document_cache")]
+    pub did_document_cache: usize,
+    /// Parsed signer keys kept (the signed fast path); a few hundred bytes each.
+    #[serde(default = "default_signer_key_cache")]
+    pub signer_key_cache: usize,
 }
 
 fn default_max_message_bytes() -> usize {
@@ -786,6 +793,12 @@ fn default_max_fields() -> usize {
 fn default_skew() -> Duration {
     Duration::from_secs(300)
 }
+fn default_did_document_cache() -> usize {
+    4096
+}
+fn default_signer_key_cache() -> usize {
+    131_072
+}
 
 impl Default for Limits {
     fn default() -> Self {
@@ -794,6 +807,8 @@ impl Default for Limits {
             max_json_depth: default_max_depth(),
             max_fields: default_max_fields(),
             clock_skew: default_skew(),
+            did_document_cache: default_did_document_cache(),
+            signer_key_cache: default_signer_key_cache(),
         }
     }
 }
@@ -1151,6 +1166,9 @@ impl Config {
                 "must not exceed mqtt.reconnect_max",
             ));
         }
+        if self.limits.signer_key_cache == 0 {
+            return Err(invalid("limits.signer_key_cache", "must be at least 1"));
+        }
         if self.store.max_batch == 0 {
             return Err(invalid("store.max_batch", "must be at least 1"));
         }
@@ -1471,6 +1489,23 @@ mod tests {
             c.store.influxdb.unwrap().content_encoding,
             ContentEncoding::Identity
         );
+    }
+
+    #[test]
+    fn cache_sizes_default_and_a_zero_key_cache_is_refused() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.limits.did_document_cache, 4096);
+        assert_eq!(c.limits.signer_key_cache, 131_072);
+        let c = parse(&format!(
+            "{MIN}[limits]\ndid_document_cache = 0\nsigner_key_cache = 10\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.limits.did_document_cache, c.limits.signer_key_cache),
+            (0, 10)
+        );
+        let e = parse(&format!("{MIN}[limits]\nsigner_key_cache = 0\n")).unwrap_err();
+        assert!(e.to_string().contains("limits.signer_key_cache"), "{e}");
     }
 
     #[test]

@@ -398,9 +398,11 @@ impl Shared {
     pub fn from_config(cfg: &Config, hub: crate::did::Identity, stats: Arc<Stats>) -> Shared {
         let verifier = Verifier::new(
             hub,
+            // `limits.did_document_cache` / `signer_key_cache`: with the defaults (4 096 and
+            // 131 072) a hub with 100 000 signing devices peaked at 100 MB (BENCHMARKS.md).
             Arc::new(crate::did::LocalResolver::with_capacities(
-                DID_DOCUMENT_CACHE,
-                SIGNER_KEY_CACHE,
+                cfg.limits.did_document_cache,
+                cfg.limits.signer_key_cache,
             )),
             crate::verify::VerifyLimits {
                 max_message_bytes: cfg.limits.max_message_bytes,
@@ -646,12 +648,6 @@ pub fn spawn_workers(
         })
         .collect()
 }
-
-/// DID documents the hub keeps resolved (LRU). Authcrypt and first contact need the document.
-pub const DID_DOCUMENT_CACHE: usize = 4096;
-/// Parsed signer keys the hub keeps (the signed fast path): a fleet of 100 000 signing devices
-/// stays cached in a few tens of MB.
-pub const SIGNER_KEY_CACHE: usize = 131_072;
 
 /// How long the committer lets a batch gather more messages under load. Every commit has a fixed
 /// cost (WAL frames for the pages it touches, the fsync, sometimes a checkpoint); measured with
