@@ -50,14 +50,23 @@ pub fn options(cfg: &MqttConfig) -> Result<MqttOptions, ConfigError> {
         .set_inflight(cfg.inflight)
         .set_max_packet_size(MAX_PACKET as usize, MAX_PACKET as usize)
         .set_transport(transport(cfg)?);
-    if let Some(user) = &cfg.username {
-        let pw = cfg.resolved_password()?;
-        o.set_credentials(
-            user.clone(),
-            pw.map(|p| p.expose().to_string()).unwrap_or_default(),
-        );
+    if let Some((user, password)) = credentials(cfg)? {
+        o.set_credentials(user, password);
     }
     Ok(o)
+}
+
+/// `mqtt.username` with its password (`password_file` or `password`; empty if neither), for
+/// either protocol's options.
+fn credentials(cfg: &MqttConfig) -> Result<Option<(String, String)>, ConfigError> {
+    let Some(user) = &cfg.username else {
+        return Ok(None);
+    };
+    let password = cfg.resolved_password()?;
+    Ok(Some((
+        user.clone(),
+        password.map(|p| p.expose().to_string()).unwrap_or_default(),
+    )))
 }
 
 /// Builds the MQTT 5 client options from config.
@@ -77,12 +86,8 @@ pub fn options_v5(cfg: &MqttConfig) -> Result<v5::MqttOptions, ConfigError> {
         .set_outgoing_inflight_upper_limit(cfg.inflight)
         .set_max_packet_size(Some(MAX_PACKET))
         .set_transport(transport(cfg)?);
-    if let Some(user) = &cfg.username {
-        let pw = cfg.resolved_password()?;
-        o.set_credentials(
-            user.clone(),
-            pw.map(|p| p.expose().to_string()).unwrap_or_default(),
-        );
+    if let Some((user, password)) = credentials(cfg)? {
+        o.set_credentials(user, password);
     }
     Ok(o)
 }
