@@ -776,7 +776,9 @@ pub struct Limits {
     /// need the document; a few KiB each.
     #[serde(default = "default_did_document_cache")]
     pub did_document_cache: usize,
-    /// Parsed signer keys kept (the signed fast path); a few hundred bytes each.
+    /// Parsed device keys kept, per kind (Ed25519 signing keys for the signed fast path; X25519
+    /// agreement keys and the hub's static agreements with them for the authcrypt fast path);
+    /// a few hundred bytes each.
     #[serde(default = "default_signer_key_cache")]
     pub signer_key_cache: usize,
 }

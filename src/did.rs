@@ -607,6 +607,9 @@ pub struct LocalResolver {
     /// Parsed Ed25519 authentication keys by kid (the signed fast path): a sharded, bounded
     /// cache, so verify workers do not queue on one lock and no key is decoded twice.
     keys: quick_cache::sync::Cache<String, VerifyingKey>,
+    /// Parsed X25519 key-agreement keys by kid (the authcrypt fast path), likewise.
+    agreement_keys: quick_cache::sync::Cache<String, [u8; 32]>,
+    key_capacity: usize,
     key_hits: AtomicU64,
     key_misses: AtomicU64,
 }
@@ -629,6 +632,8 @@ impl LocalResolver {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             keys: quick_cache::sync::Cache::new(keys.max(1)),
+            agreement_keys: quick_cache::sync::Cache::new(keys.max(1)),
+            key_capacity: keys.max(1),
             key_hits: AtomicU64::new(0),
             key_misses: AtomicU64::new(0),
         }
@@ -639,6 +644,7 @@ impl LocalResolver {
         let mut statics = self.statics.write().unwrap_or_else(|e| e.into_inner());
         // Keys parsed from an earlier document for this DID must not outlive it.
         self.keys.clear();
+        self.agreement_keys.clear();
         statics.insert(doc.id.clone(), Arc::new(doc));
     }
 
@@ -732,12 +738,54 @@ impl LocalResolver {
         Some(key)
     }
 
-    /// `(hits, misses, cached)` of the parsed-key cache since creation.
+    /// The X25519 public key that `kid` (a DID URL) names, if the sender's document lists
+    /// `kid` under `keyAgreement` and its verification method is a `JsonWebKey2020` OKP X25519
+    /// JWK: the conditions under which `didcomm` would use it as an authcrypt sender key.
+    /// `None` for anything else. Cached like [`signing_key`](LocalResolver::signing_key).
+    pub fn agreement_key(&self, kid: &str) -> Option<[u8; 32]> {
+        if let Some(key) = self.agreement_keys.get(kid) {
+            self.key_hits.fetch_add(1, Ordering::Relaxed);
+            return Some(key);
+        }
+        self.key_misses.fetch_add(1, Ordering::Relaxed);
+        let (did, fragment) = kid.split_once('#')?;
+        if fragment.is_empty() {
+            return None;
+        }
+        let doc = self.resolve_checked(did).ok()?;
+        if !doc.key_agreement.iter().any(|k| k == kid) {
+            return None;
+        }
+        let vm = doc.verification_method.iter().find(|vm| vm.id == kid)?;
+        let VerificationMaterial::JWK {
+            public_key_jwk: jwk,
+        } = &vm.verification_material
+        else {
+            return None;
+        };
+        if !matches!(vm.type_, VerificationMethodType::JsonWebKey2020)
+            || jwk.get("kty").and_then(Value::as_str) != Some("OKP")
+            || jwk.get("crv").and_then(Value::as_str) != Some("X25519")
+        {
+            return None;
+        }
+        let key = decode_b64_32(jwk.get("x"))?;
+        self.agreement_keys.insert(kid.to_owned(), key);
+        Some(key)
+    }
+
+    /// How many parsed keys of each kind the caches hold at most.
+    pub fn key_capacity(&self) -> usize {
+        self.key_capacity
+    }
+
+    /// `(hits, misses, cached)` of the parsed-key caches (signing and agreement keys) since
+    /// creation.
     pub fn key_cache_stats(&self) -> (u64, u64, usize) {
         (
             self.key_hits.load(Ordering::Relaxed),
             self.key_misses.load(Ordering::Relaxed),
-            self.keys.len(),
+            self.keys.len() + self.agreement_keys.len(),
         )
     }
 }
@@ -897,6 +945,20 @@ impl Identity {
     /// if the identity holds none).
     pub fn agreement_kid(&self) -> String {
         self.kid_for_curve("X25519")
+    }
+
+    /// The X25519 key-agreement secret and its kid, if the identity holds one.
+    pub fn agreement_secret(&self) -> Option<(String, StaticSecret)> {
+        self.secrets.iter().find_map(|s| {
+            let jwk = secret_jwk(s)?;
+            if jwk.get("crv").and_then(Value::as_str) != Some("X25519") {
+                return None;
+            }
+            Some((
+                s.id.clone(),
+                StaticSecret::from(decode_b64_32(jwk.get("d"))?),
+            ))
+        })
     }
 
     /// Writes the identity as JSON to `path`, atomically (a temporary file

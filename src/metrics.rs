@@ -67,9 +67,9 @@ pub const MQTT_CONNECTED: &str = "didhub_mqtt_connected";
 pub const DID_CACHE_HITS: &str = "didhub_did_cache_hits";
 /// DID documents decoded because they were not cached (counter).
 pub const DID_CACHE_MISSES: &str = "didhub_did_cache_misses";
-/// Counter: signer keys served already parsed (the signed fast path).
+/// Counter: device keys served already parsed (the signed and authcrypt fast paths).
 pub const KEY_CACHE_HITS: &str = "didhub_key_cache_hits";
-/// Counter: signer keys looked up in a DID document and parsed.
+/// Counter: device keys looked up in a DID document and parsed.
 pub const KEY_CACHE_MISSES: &str = "didhub_key_cache_misses";
 
 /// Latency buckets, 50 µs to 30 s: verification is sub-millisecond to a few ms, writes to
@@ -382,13 +382,13 @@ impl Collector for Scrape {
         counter(
             &mut e,
             KEY_CACHE_HITS,
-            "Signer keys served already parsed (signed fast path).",
+            "Device keys served already parsed (signed and authcrypt fast paths).",
             hits,
         )?;
         counter(
             &mut e,
             KEY_CACHE_MISSES,
-            "Signer keys looked up in a DID document and parsed.",
+            "Device keys looked up in a DID document and parsed.",
             misses,
         )?;
         Ok(())

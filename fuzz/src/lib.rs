@@ -57,7 +57,7 @@ pub fn shared() -> Shared {
     )
 }
 
-/// A `Shared` like [`shared`] with the verifier's signed fast path off: every message goes
+/// A `Shared` like [`shared`] with the verifier's fast paths off: every message goes
 /// through `didcomm`'s `Message::unpack`. The oracle for [`check_fast_path`].
 pub fn shared_slow() -> Shared {
     let mut s = shared();
@@ -65,19 +65,24 @@ pub fn shared_slow() -> Shared {
     s
 }
 
-/// Differential check of the signed fast path (`Verifier::fast_signed`): for a payload that
-/// could be a JWS (contains `signatures`), the verdict with the fast path on (`fast`) must be
-/// the same as with it off (`slow`, see [`shared_slow`]), for every requirement under which
-/// the fast path runs. Panics (= a finding) on a difference.
+/// Differential check of the fast paths (`Verifier::fast_signed`, `Verifier::fast_authcrypt`):
+/// for a payload that could be a JWS or a JWE (contains `signatures` or `ciphertext`), the
+/// verdict with the fast paths on (`fast`) must be the same as with them off (`slow`, see
+/// [`shared_slow`]), under every requirement. Panics (= a finding) on a difference.
 pub fn check_fast_path(fast: &Shared, slow: &Shared, data: &[u8]) {
     let (_, _, payload) = split_input(data);
-    if !payload.windows(10).any(|w| w == b"signatures") {
+    if !payload.windows(10).any(|w| w == b"signatures" || w == b"ciphertext") {
         return;
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    for require in [Require::Any, Require::Signed, Require::Authenticated] {
+    for require in [
+        Require::Any,
+        Require::Signed,
+        Require::Authenticated,
+        Require::Authcrypt,
+    ] {
         let a = futures::executor::block_on(fast.verifier.verify(payload, require, now));
         let b = futures::executor::block_on(slow.verifier.verify(payload, require, now));
         let (a, b) = (format!("{a:?}"), format!("{b:?}"));
