@@ -76,8 +76,8 @@ pub struct BenchArgs {
     /// `pipeline.queue` in process.
     #[arg(long, default_value_t = 1024)]
     pub queue: usize,
-    /// In process: send every post through `Message::unpack`, without the hub's signed fast
-    /// path (to measure what the fast path saves).
+    /// In process: send every post through `Message::unpack`, without the hub's fast paths
+    /// (signed, authcrypt, plaintext; to measure what they save).
     #[arg(long)]
     pub no_fast_path: bool,
     /// At most this many posts in the bare `Message::unpack` loop (0: skip it).
@@ -498,9 +498,9 @@ pub struct InProcessReport {
     pub did_cache_hits: u64,
     /// DID cache misses.
     pub did_cache_misses: u64,
-    /// Whether the signed fast path was on.
+    /// Whether the fast paths were on.
     pub fast_path: bool,
-    /// Parsed-key cache hits (the signed fast path).
+    /// Parsed-key cache hits (the signed and authcrypt fast paths).
     pub key_cache_hits: u64,
     /// Parsed-key cache misses.
     pub key_cache_misses: u64,

@@ -327,6 +327,24 @@ fn ecdh_1pu_kek(ze: &[u8; 32], zs: &[u8; 32], apu: &[u8], apv: &[u8], tag: &[u8]
     kdf.finalize().into()
 }
 
+/// The plaintext fast path (routes with `require = "any"`): the one typed parse that
+/// `Message::unpack` ends with, without its three failed attempts to read the text as a JWE
+/// (twice) and a JWS first. Exact because those attempts can only succeed on an object with a
+/// `ciphertext` or `signatures` member, and every member `Message` does not know lands, with
+/// its name unescaped, in `extra_headers`. `None` (the general path decides) for anything
+/// else: not a plaintext DIDComm message, or one with `from_prior`.
+fn fast_plaintext(text: &str) -> Option<Message> {
+    let msg: Message = serde_json::from_str(text).ok()?;
+    if msg.typ != PLAINTEXT_TYP
+        || msg.from_prior.is_some()
+        || msg.extra_headers.contains_key("ciphertext")
+        || msg.extra_headers.contains_key("signatures")
+    {
+        return None;
+    }
+    Some(msg)
+}
+
 fn did_of(kid: &str) -> &str {
     kid.split('#').next().unwrap_or(kid)
 }
@@ -399,17 +417,20 @@ impl Verifier {
             .map_err(|_| Rejection::new(Code::InvalidMessage, "the message is not UTF-8"))?;
         // The common case first. Routes that refuse a signed-only envelope before any crypto
         // (`authcrypt`) take the general path, which explains the refusal.
+        // (A member name written with escapes misses these cheap tests and takes the general
+        // path, which is always correct.)
         if self.fast_path
             && matches!(
                 require,
                 Require::Any | Require::Signed | Require::Authenticated
             )
+            && text.contains("\"signatures\"")
         {
             if let Some((msg, kid)) = self.fast_signed(text) {
                 return self.check_unpacked(msg, Envelope::Signed, Some(kid), None, require, now);
             }
         }
-        if self.fast_path {
+        if self.fast_path && text.contains("\"ciphertext\"") {
             if let Some((msg, skid)) = self.fast_authcrypt(text) {
                 return self.check_unpacked(
                     msg,
@@ -419,6 +440,11 @@ impl Verifier {
                     require,
                     now,
                 );
+            }
+        }
+        if self.fast_path && require == Require::Any {
+            if let Some(msg) = fast_plaintext(text) {
+                return self.check_unpacked(msg, Envelope::Plaintext, None, None, require, now);
             }
         }
         let outer: Value = serde_json::from_str(text).map_err(|e| {
@@ -1811,5 +1837,112 @@ mod tests {
         );
         assert!(fast.static_static.len() >= 2);
         assert_eq!(slow.resolver().key_cache_stats(), (0, 0, 0));
+    }
+
+    /// The plaintext fast path must never change a verdict either.
+    #[test]
+    fn plaintext_fast_path_gives_the_same_verdict_as_didcomm() {
+        let hub = Identity::generate(DidMethod::Key);
+        let verifier = |fast| {
+            let mut v = Verifier::new(
+                hub.clone(),
+                Arc::new(LocalResolver::new(64)),
+                VerifyLimits {
+                    max_message_bytes: 65536,
+                    clock_skew_secs: 300,
+                },
+            );
+            v.set_fast_path(fast);
+            v
+        };
+        let (fast, slow) = (verifier(true), verifier(false));
+        let dev = Identity::generate(DidMethod::Key);
+        let plain = |extra: Value| {
+            let mut p = json!({
+                "id": "m3", "typ": PLAINTEXT_TYP, "type": POST_TYPE, "from": dev.did,
+                "to": [hub.did], "body": {"payload": {"t": 3}}
+            });
+            if let (Some(p), Some(e)) = (p.as_object_mut(), extra.as_object()) {
+                p.extend(e.clone());
+            }
+            p.to_string()
+        };
+        let good = plain(json!({}));
+        let mut variants: Vec<(&str, String)> = vec![
+            ("good", good.clone()),
+            ("no from", plain(json!({"from": null}))),
+            ("typ wrong", plain(json!({"typ": "application/json"}))),
+            ("from_prior", plain(json!({"from_prior": "x.y.z"}))),
+            ("ciphertext member", plain(json!({"ciphertext": "x"}))),
+            ("signatures member", plain(json!({"signatures": []}))),
+            ("thid", plain(json!({"thid": "t1"}))),
+            ("not a post", plain(json!({"type": "x/y"}))),
+            ("a problem report", plain(json!({"type": REPORT_TYPE}))),
+            ("expired", plain(json!({"expires_time": 1}))),
+            (
+                "from the future",
+                plain(json!({"created_time": u64::MAX / 2})),
+            ),
+            ("to another DID", plain(json!({"to": ["did:example:x"]}))),
+            ("body not an object", plain(json!({"body": 1}))),
+            ("no payload", plain(json!({"body": {}}))),
+            ("id not a string", plain(json!({"id": 1}))),
+            (
+                "a JWE's members too",
+                plain(json!({"protected": "e30", "recipients": [], "iv": "AA",
+                             "ciphertext": "AA", "tag": "AA"})),
+            ),
+            ("not JSON", "{\"id\":".to_string()),
+            ("an array", "[1]".to_string()),
+            ("empty object", "{}".to_string()),
+        ];
+        let escaped = good.replacen('{', "{\"cipher\\u0074ext\":\"x\",", 1);
+        let duplicate_id = good.replacen('{', "{\"id\":\"other\",", 1);
+        let duplicate_type = good.replacen('{', "{\"type\":\"x/y\",", 1);
+        variants.push(("escaped ciphertext member", escaped));
+        variants.push(("duplicate id", duplicate_id));
+        variants.push(("duplicate type", duplicate_type));
+        let mut accepted = Vec::new();
+        for (name, text) in &variants {
+            for req in [
+                Require::Any,
+                Require::Signed,
+                Require::Authenticated,
+                Require::Authcrypt,
+            ] {
+                let a = run(fast.verify(text.as_bytes(), req, now()));
+                let b = run(slow.verify(text.as_bytes(), req, now()));
+                assert_eq!(format!("{a:?}"), format!("{b:?}"), "{name} on {req:?}");
+                if matches!(a, Verdict::Accept(_)) {
+                    accepted.push(*name);
+                }
+            }
+        }
+        accepted.sort();
+        accepted.dedup();
+        assert_eq!(accepted, ["good", "no from", "thid"]);
+        let mut took_fast: Vec<&str> = variants
+            .iter()
+            .filter(|(_, text)| fast_plaintext(text).is_some())
+            .map(|(name, _)| *name)
+            .collect();
+        took_fast.sort();
+        // The duplicates fail `Message`'s typed parse and the escaped member lands in
+        // `extra_headers`: all three are left to the general path.
+        assert_eq!(
+            took_fast,
+            [
+                "a problem report",
+                "body not an object",
+                "expired",
+                "from the future",
+                "good",
+                "no from",
+                "no payload",
+                "not a post",
+                "thid",
+                "to another DID"
+            ]
+        );
     }
 }
