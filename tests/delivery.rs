@@ -40,16 +40,12 @@ fn sigkill_while_receiving_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mq = Mosquitto::start();
-    let cfg = d.join("hub.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "state_dir = \"{}\"\n[mqtt]\nurl = \"{}\"\nclient_id = \"hub-kill\"\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n[broker]\nembedded = false\n[http]\nlisten = \"\"\n[[routes]]\ntopics = [\"devices/+/telemetry\"]\nrequire = \"signed\"\nmeasurement = \"telemetry\"\n",
-            d.join("state").display(),
-            mq.url()
-        ),
-    )
-    .unwrap();
+    let cfg = HubConfig::new(d, &mq.url())
+        .routes(
+            "[[routes]]\ntopics = [\"devices/+/telemetry\"]\nrequire = \"signed\"\n\
+             measurement = \"telemetry\"\n",
+        )
+        .write();
     let mut hub = Hub::start(&cfg);
     hub.wait_for_log("connected to the broker", Duration::from_secs(30));
 

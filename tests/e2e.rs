@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -16,42 +16,21 @@ use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Writes a hub config for an external broker into `dir`.
-fn write_config(dir: &Path, mqtt_url: &str, store: &str, routes: &str) -> PathBuf {
-    let text = format!(
-        r#"state_dir = "{state}"
-[mqtt]
-url = "{mqtt_url}"
-client_id = "hub-{rand}"
-reconnect_min = "50ms"
-reconnect_max = "1s"
-[broker]
-embedded = false
-[http]
-listen = ""
-{store}
-[reports]
+/// Report limits high enough for every case below, and the `escalate_to` the reports carry.
+const REPORTS: &str = r#"[reports]
 per_sender_per_second = 100.0
 per_sender_burst = 1000.0
 global_per_second = 1000.0
 global_burst = 1000.0
 escalate_to = "mailto:ops@example.com"
-[pipeline]
-workers = 2
-{routes}
-"#,
-        state = dir.join("state").display(),
-        rand = uuid::Uuid::new_v4().simple(),
-    );
-    let path = dir.join("hub.toml");
-    std::fs::write(&path, text).unwrap();
-    let out = didhub(&["--config", path.to_str().unwrap(), "validate"]);
-    assert!(
-        out.status.success(),
-        "config must validate: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    path
+"#;
+
+/// The hub config of the tests below: an external broker, two workers, `REPORTS`.
+fn hub_config(dir: &Path, mqtt_url: &str) -> HubConfig {
+    HubConfig::new(dir, mqtt_url)
+        .reconnect_max("1s")
+        .workers(2)
+        .tables(REPORTS)
 }
 
 fn points(dir: &Path, measurement: &str) -> Vec<didhub::mapping::Point> {
@@ -141,7 +120,9 @@ fn envelopes_codes_reports_and_redelivery_embedded() {
         "[[devices]]\ndid = \"{}\"\nname = \"boiler-1\"\ntags = {{ site = \"lab\" }}\n",
         dev1.did
     );
-    let cfg = write_config(d, &mq.url(), "", &format!("{ROUTES}{registry}"));
+    let cfg = hub_config(d, &mq.url())
+        .routes(&format!("{ROUTES}{registry}"))
+        .write();
     let mut hub = Hub::start(&cfg);
     hub.wait_for_log("connected to the broker", WAIT);
     let hub_did = hub_did(d);
@@ -504,12 +485,19 @@ fn influxdb_mode_ships_to_victoriametrics_and_survives_an_outage() {
     let d = dir.path();
     let mq = Mosquitto::start();
     let mut vm = Victoria::start();
-    let store = format!(
-        "[store]\nkind = \"influxdb\"\n[store.influxdb]\nurl = \"{}\"\norganization = \"org\"\nbucket = \"b\"\ntoken = \"secret-token\"\nretry_min = \"100ms\"\nretry_max = \"1s\"\n",
-        vm.url()
-    );
-    let routes = "[[routes]]\ntopics = [\"devices/+/telemetry\"]\nmeasurement = \"telemetry\"\ntopic_tags = \"devices/+device/telemetry\"\ntimestamp = \"ts\"\ntimestamp_format = \"unix_ms\"\n";
-    let cfg = write_config(d, &mq.url(), &store, routes);
+    let cfg = hub_config(d, &mq.url())
+        .influxdb(&vm.url())
+        .influxdb_retry_min("100ms")
+        .routes(
+            r#"[[routes]]
+topics = ["devices/+/telemetry"]
+measurement = "telemetry"
+topic_tags = "devices/+device/telemetry"
+timestamp = "ts"
+timestamp_format = "unix_ms"
+"#,
+        )
+        .write();
     let key = d.join("dev.json");
     assert!(didhub(&["keygen", "--out", key.to_str().unwrap()])
         .status
@@ -712,16 +700,7 @@ fn hub_writes_its_own_stats_points_to_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mq = Mosquitto::start();
-    let cfg = d.join("hub.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "state_dir = \"{}\"\nstats_interval = \"200ms\"\n[mqtt]\nurl = \"{}\"\nclient_id = \"hub-stats\"\n[http]\nlisten = \"\"\n[[routes]]\ntopics = [\"devices/+/telemetry\"]\n",
-            d.join("state").display(),
-            mq.url()
-        ),
-    )
-    .unwrap();
+    let cfg = HubConfig::new(d, &mq.url()).stats_interval("200ms").write();
     let mut hub = Hub::start(&cfg);
     hub.wait_for_log("connected to the broker", WAIT);
     mqtt_publish(mq.port, "devices/x/telemetry", b"not json", 1, false);

@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,26 +35,15 @@ enum Mode {
     Influx,
 }
 
-fn write_config(dir: &Path, mqtt: &str, store: &str, extra: &str) -> PathBuf {
+/// The hub config of these tests: embedded store unless `influxdb` is added to it.
+fn hub_config(dir: &Path, mqtt_url: &str) -> HubConfig {
     // In InfluxDB mode the point time is the payload's `seq` in ms: senders give each device its
     // own range, so every sample has its own millisecond (VictoriaMetrics keeps ms and dedups).
-    let text = format!(
-        r#"state_dir = "{state}"
-stats_interval = "0s"
-{extra}
-[mqtt]
-url = "{mqtt}"
-client_id = "hub-{rand}"
-reconnect_min = "50ms"
-reconnect_max = "500ms"
-[broker]
-embedded = false
-[http]
-listen = ""
-[pipeline]
-shutdown_timeout = "5s"
-{store}
-[[routes]]
+    HubConfig::new(dir, mqtt_url)
+        .stats_interval("0s")
+        .shutdown_timeout("5s")
+        .routes(
+            r#"[[routes]]
 topics = ["devices/+/telemetry"]
 require = "signed"
 measurement = "telemetry"
@@ -62,18 +51,7 @@ topic_tags = "devices/+device/telemetry"
 timestamp = "seq"
 timestamp_format = "unix_ms"
 "#,
-        state = dir.join("state").display(),
-        rand = uuid::Uuid::new_v4().simple(),
-    );
-    let path = dir.join("hub.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn influx_store(url: &str, extra: &str) -> String {
-    format!(
-        "[store]\nkind = \"influxdb\"\n[store.influxdb]\nurl = \"{url}\"\norganization = \"o\"\nbucket = \"b\"\ntoken = \"t\"\nretry_min = \"50ms\"\nretry_max = \"1s\"\n{extra}"
-    )
+        )
 }
 
 /// Device k numbers its posts from `base + k * 10_000_000`.
@@ -217,11 +195,11 @@ fn sigkill_loop(mode: Mode) {
     let d = dir.path();
     let mq = Mosquitto::start();
     let vm = (mode == Mode::Influx).then(Victoria::start);
-    let store = vm
-        .as_ref()
-        .map(|v| influx_store(&v.url(), ""))
-        .unwrap_or_default();
-    let cfg = write_config(d, &mq.url(), &store, "");
+    let mut config = hub_config(d, &mq.url());
+    if let Some(vm) = &vm {
+        config = config.influxdb(&vm.url());
+    }
+    let cfg = config.write();
     let mut hub = Hub::start(&cfg);
     hub.wait_for_log("connected to the broker", WAIT);
     let senders = start_senders(d, &cfg, DEVICES, PER_DEVICE, None, 0);
@@ -270,7 +248,7 @@ fn broker_restart_mid_stream_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mut mq = Mosquitto::start();
-    let cfg = write_config(d, &mq.url(), "", "");
+    let cfg = hub_config(d, &mq.url()).write();
     // The hub makes its persistent session, then is away while devices publish: the broker
     // queues a backlog of 6000 posts that it has acknowledged to the devices.
     let mut hub = Hub::start(&cfg);
@@ -322,7 +300,7 @@ fn store_outage_of_30_s_under_load_loses_nothing() {
     let d = dir.path();
     let mq = Mosquitto::start();
     let mut vm = Victoria::start();
-    let cfg = write_config(d, &mq.url(), &influx_store(&vm.url(), ""), "");
+    let cfg = hub_config(d, &mq.url()).influxdb(&vm.url()).write();
     let mut hub = Hub::start(&cfg);
     hub.wait_for_log("connected to the broker", WAIT);
     // 2 devices × 4000 posts at 100/s each: ~40 s of load.
@@ -490,12 +468,11 @@ fn store_refusals_retry_after_split_and_dead_letters() {
     let d = dir.path();
     let mq = Mosquitto::start();
     let server = Scripted::start();
-    let store = influx_store(
-        &format!("http://127.0.0.1:{}", server.port),
-        "batch_size = 40\n",
-    )
-    .replace("retry_min = \"50ms\"", "retry_min = \"10ms\"");
-    let cfg = write_config(d, &mq.url(), &store, "");
+    let cfg = hub_config(d, &mq.url())
+        .influxdb(&format!("http://127.0.0.1:{}", server.port))
+        .influxdb_retry_min("10ms")
+        .influxdb_batch_size(40)
+        .write();
     let mut hub = Hub::start(&cfg);
     hub.wait_for_log("connected to the broker", WAIT);
     let hub_did = std::fs::read_to_string(d.join("state/hub.did")).unwrap();
@@ -610,7 +587,7 @@ fn graceful_stop_under_load_commits_or_leaves_unacked() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mq = Mosquitto::start();
-    let cfg = write_config(d, &mq.url(), "", "");
+    let cfg = hub_config(d, &mq.url()).write();
     let mut hub = Hub::start(&cfg);
     hub.wait_for_log("connected to the broker", WAIT);
     let senders = start_senders(d, &cfg, 2, 3_000, Some(800), 0);
@@ -668,7 +645,7 @@ fn second_sigterm_exits_at_once_and_keeps_committed_rows() {
             std::thread::sleep(Duration::from_millis(5));
         }
     });
-    let cfg = write_config(d, &mq.url(), &influx_store(&url, ""), "");
+    let cfg = hub_config(d, &mq.url()).influxdb(&url).write();
     let mut hub = Hub::start(&cfg);
     hub.wait_for_log("connected to the broker", WAIT);
     join_senders(start_senders(d, &cfg, 1, 50, None, 0));
@@ -704,12 +681,10 @@ fn disk_budget_stops_acking_and_the_broker_keeps_the_rest() {
     let mut vm = Victoria::start();
     let vm_url = vm.url();
     vm.stop();
-    let cfg = write_config(
-        d,
-        &mq.url(),
-        &influx_store(&vm_url, ""),
-        "[outbox]\nmax_bytes = 8192\n",
-    );
+    let cfg = hub_config(d, &mq.url())
+        .influxdb(&vm_url)
+        .tables("[outbox]\nmax_bytes = 8192\n")
+        .write();
     let mut hub = Hub::start(&cfg);
     hub.wait_for_log("connected to the broker", WAIT);
     join_senders(start_senders(d, &cfg, 2, 300, None, 0));
@@ -755,7 +730,7 @@ fn flood_of_10000_bad_messages_is_rate_limited_and_bounded() {
     let d = dir.path();
     let mq = Mosquitto::start();
     let reports_cfg = "[reports]\nper_sender_per_second = 1.0\nper_sender_burst = 3.0\nglobal_per_second = 2.0\nglobal_burst = 20.0\n";
-    let cfg = write_config(d, &mq.url(), "", reports_cfg);
+    let cfg = hub_config(d, &mq.url()).tables(reports_cfg).write();
     let mut hub = Hub::start(&cfg);
     hub.wait_for_log("connected to the broker", WAIT);
     let reports = Collector::start(

@@ -168,20 +168,56 @@ impl Pki {
             _dir: dir,
         }
     }
+}
 
-    /// mosquitto lines for a TLS listener (they apply to the harness's listener).
-    fn mosquitto_tls(&self, require_certificate: bool) -> String {
+/// A throwaway PKI and a mosquitto whose listener is TLS with a certificate of it.
+struct TlsBroker {
+    /// Stopped before the PKI directory is removed (fields drop in order).
+    mq: Mosquitto,
+    pki: Pki,
+}
+
+impl TlsBroker {
+    /// The server certificate for 127.0.0.1 and localhost; client certificates required or not.
+    fn start(require_certificate: bool) -> TlsBroker {
+        Self::launch(false, require_certificate)
+    }
+
+    /// The server certificate that names only `broker.test`.
+    fn start_named() -> TlsBroker {
+        Self::launch(true, false)
+    }
+
+    fn launch(named: bool, require_certificate: bool) -> TlsBroker {
+        let pki = Pki::generate();
+        let (cert, key) = if named {
+            (&pki.named_cert, &pki.named_key)
+        } else {
+            (&pki.server_cert, &pki.server_key)
+        };
+        // These lines apply to the harness's listener.
         let mut conf = format!(
             "cafile {}\ncertfile {}\nkeyfile {}\n",
-            self.ca.display(),
-            self.server_cert.display(),
-            self.server_key.display()
+            p(&pki.ca),
+            p(cert),
+            p(key)
         );
         if require_certificate {
             conf.push_str("require_certificate true\n");
         }
-        conf
+        let mq = Mosquitto::start_with(&conf);
+        TlsBroker { mq, pki }
     }
+
+    /// `mqtts://127.0.0.1:PORT`.
+    fn url(&self) -> String {
+        format!("mqtts://127.0.0.1:{}", self.mq.port)
+    }
+}
+
+/// A hub's `[mqtt.tls]` table: `ca_file` and `more` lines.
+fn mqtt_tls(ca_file: &Path, more: &str) -> String {
+    format!("[mqtt.tls]\nca_file = \"{}\"\n{more}", p(ca_file))
 }
 
 fn p(path: &Path) -> &str {
@@ -192,38 +228,43 @@ fn p(path: &Path) -> &str {
 // Hub and device
 // ---------------------------------------------------------------------------------------------
 
-/// Writes a hub config (one route, `devices/+/telemetry` → measurement `telemetry`) whose
-/// `[mqtt]` section is `mqtt` (url and all), and validates it.
-fn write_config(dir: &Path, mqtt: &str) -> PathBuf {
-    let text = format!(
-        r#"state_dir = "{state}"
-[mqtt]
-client_id = "hub-{rand}"
-reconnect_min = "50ms"
-reconnect_max = "1s"
-{mqtt}
-[broker]
-embedded = false
-[http]
-listen = ""
-[pipeline]
-workers = 2
-[[routes]]
-topics = ["devices/+/telemetry"]
-measurement = "telemetry"
-"#,
-        state = dir.join("state").display(),
-        rand = uuid::Uuid::new_v4().simple(),
-    );
-    let path = dir.join("hub.toml");
-    std::fs::write(&path, text).unwrap();
-    let out = didhub(&["--config", p(&path), "validate"]);
-    assert!(
-        out.status.success(),
-        "config must validate: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    path
+/// The route of every hub here.
+const ROUTE: &str = "[[routes]]\ntopics = [\"devices/+/telemetry\"]\n\
+                     measurement = \"telemetry\"\n";
+
+/// A hub started on a config of its own in its own temporary directory.
+struct TestHub {
+    /// Stopped before its directory is removed (fields drop in order).
+    hub: Hub,
+    cfg: PathBuf,
+    dir: TempDir,
+}
+
+impl TestHub {
+    /// Writes `dir/hub.toml` (the broker at `url`, `mqtt` as more `[mqtt]` lines, `ROUTE`),
+    /// validates it and starts the hub on it; waits for nothing.
+    fn start(dir: TempDir, url: &str, mqtt: &str) -> TestHub {
+        let cfg = HubConfig::new(dir.path(), url)
+            .reconnect_max("1s")
+            .workers(2)
+            .mqtt(mqtt)
+            .routes(ROUTE)
+            .write();
+        let hub = Hub::start(&cfg);
+        TestHub { hub, cfg, dir }
+    }
+
+    /// Like `start`, then waits until the hub is connected and ready.
+    fn ready(dir: TempDir, url: &str, mqtt: &str) -> TestHub {
+        let t = Self::start(dir, url, mqtt);
+        t.hub.wait_for_log("connected to the broker", WAIT);
+        t.hub.wait_for_log("didhub ready", WAIT);
+        t
+    }
+}
+
+fn tempdir() -> TempDir {
+    tempfile::tempdir().unwrap()
 }
 
 fn stored(dir: &Path) -> usize {
@@ -274,33 +315,17 @@ fn assert_ok(out: &std::process::Output) {
     );
 }
 
-fn mqtts(m: &Mosquitto) -> String {
-    format!("mqtts://127.0.0.1:{}", m.port)
-}
-
 // ---------------------------------------------------------------------------------------------
 // (a) TLS with a CA file
 // ---------------------------------------------------------------------------------------------
 
 #[test]
 fn tls_with_ca_file_stores_a_post_sent_over_mqtts() {
-    let pki = Pki::generate();
-    let mq = Mosquitto::start_with(&pki.mosquitto_tls(false));
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let cfg = write_config(
-        d,
-        &format!(
-            "url = \"{}\"\n[mqtt.tls]\nca_file = \"{}\"\n",
-            mqtts(&mq),
-            p(&pki.ca)
-        ),
-    );
-    let hub = Hub::start(&cfg);
-    hub.wait_for_log("connected to the broker", WAIT);
-    hub.wait_for_log("didhub ready", WAIT);
+    let tls = TlsBroker::start(false);
+    let t = TestHub::ready(tempdir(), &tls.url(), &mqtt_tls(&tls.pki.ca, ""));
+    let (d, cfg) = (t.dir.path(), &t.cfg);
 
-    let out = send(d, &mqtts(&mq), &["--ca-file", p(&pki.ca)]);
+    let out = send(d, &tls.url(), &["--ca-file", p(&tls.pki.ca)]);
     assert_ok(&out);
     wait_until("the post stored", WAIT, || stored(d) == 1);
 
@@ -308,7 +333,7 @@ fn tls_with_ca_file_stores_a_post_sent_over_mqtts() {
     let device = keygen(d);
     let out = didhub(&[
         "--config",
-        p(&cfg),
+        p(cfg),
         "send",
         "--identity",
         p(&device),
@@ -321,30 +346,20 @@ fn tls_with_ca_file_stores_a_post_sent_over_mqtts() {
     wait_until("the second post stored", WAIT, || stored(d) == 2);
 
     // A plain-TCP send to the TLS port fails clearly.
-    let out = send(d, &mq.url(), &[]);
+    let out = send(d, &tls.mq.url(), &[]);
     assert!(!out.status.success(), "plain MQTT to a TLS listener");
 }
 
 #[test]
 fn tls_with_the_wrong_ca_is_refused_and_logged() {
-    let pki = Pki::generate();
-    let mq = Mosquitto::start_with(&pki.mosquitto_tls(false));
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let cfg = write_config(
-        d,
-        &format!(
-            "url = \"{}\"\n[mqtt.tls]\nca_file = \"{}\"\n",
-            mqtts(&mq),
-            p(&pki.other_ca)
-        ),
-    );
-    let hub = Hub::start(&cfg);
+    let tls = TlsBroker::start(false);
+    let t = TestHub::start(tempdir(), &tls.url(), &mqtt_tls(&tls.pki.other_ca, ""));
+    let (d, hub) = (t.dir.path(), &t.hub);
     let line = hub.wait_for_log("TLS with the broker", WAIT);
     eprintln!("wrong CA: {line}");
     assert!(line.contains("ERROR"), "{line}");
     assert!(
-        line.contains(&mqtts(&mq)) && line.contains("mqtt.tls.ca_file"),
+        line.contains(&tls.url()) && line.contains("mqtt.tls.ca_file"),
         "names the broker and the key: {line}"
     );
     assert!(
@@ -358,7 +373,7 @@ fn tls_with_the_wrong_ca_is_refused_and_logged() {
     assert_eq!(hub.log().count("connected to the broker"), 0);
 
     // send with the wrong CA: a clear error, non-zero exit.
-    let out = send(d, &mqtts(&mq), &["--ca-file", p(&pki.other_ca)]);
+    let out = send(d, &tls.url(), &["--ca-file", p(&tls.pki.other_ca)]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     eprintln!("send with the wrong CA: {err}");
@@ -368,7 +383,7 @@ fn tls_with_the_wrong_ca_is_refused_and_logged() {
 #[test]
 fn tls_config_errors_exit_78_naming_key_and_path() {
     let pki = Pki::generate();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir();
     let d = dir.path();
     let validate = |mqtt: &str| {
         let path = d.join("bad.toml");
@@ -435,39 +450,23 @@ fn tls_config_errors_exit_78_naming_key_and_path() {
 
 #[test]
 fn tls_server_name_override_checks_the_certificate_against_that_name() {
-    let pki = Pki::generate();
-    let mq = Mosquitto::start_with(&format!(
-        "cafile {}\ncertfile {}\nkeyfile {}\n",
-        p(&pki.ca),
-        p(&pki.named_cert),
-        p(&pki.named_key)
-    ));
+    let tls = TlsBroker::start_named();
     // Reached by IP address, the certificate names only broker.test: refused, with the hint.
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let tls = format!(
-        "url = \"{}\"\n[mqtt.tls]\nca_file = \"{}\"\n",
-        mqtts(&mq),
-        p(&pki.ca)
-    );
-    let hub = Hub::start(&write_config(d, &tls));
-    let line = hub.wait_for_log("TLS with the broker", WAIT);
+    let t = TestHub::start(tempdir(), &tls.url(), &mqtt_tls(&tls.pki.ca, ""));
+    let line = t.hub.wait_for_log("TLS with the broker", WAIT);
     assert!(
         line.contains("mqtt.tls.server_name") && line.contains("does not name the host"),
         "{line}"
     );
-    drop(hub);
+    drop(t);
     // With server_name = "broker.test" it connects and stores.
-    let dir2 = tempfile::tempdir().unwrap();
-    let d2 = dir2.path();
-    let cfg = write_config(d2, &format!("{tls}server_name = \"broker.test\"\n"));
-    let hub = Hub::start(&cfg);
-    hub.wait_for_log("connected to the broker", WAIT);
-    hub.wait_for_log("didhub ready", WAIT);
+    let name = "server_name = \"broker.test\"\n";
+    let t2 = TestHub::ready(tempdir(), &tls.url(), &mqtt_tls(&tls.pki.ca, name));
+    let d2 = t2.dir.path();
     let device = keygen(d2);
     let out = didhub(&[
         "--config",
-        p(&cfg),
+        p(&t2.cfg),
         "send",
         "--identity",
         p(&device),
@@ -486,27 +485,18 @@ fn tls_server_name_override_checks_the_certificate_against_that_name() {
 
 #[test]
 fn mtls_client_certificate_connects_and_no_certificate_is_refused() {
-    let pki = Pki::generate();
-    let mq = Mosquitto::start_with(&pki.mosquitto_tls(true));
-
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let cfg = write_config(
-        d,
-        &format!(
-            "url = \"{}\"\n[mqtt.tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-            mqtts(&mq),
-            p(&pki.ca),
-            p(&pki.client_cert),
-            p(&pki.client_key)
-        ),
+    let tls = TlsBroker::start(true);
+    let pki = &tls.pki;
+    let client = format!(
+        "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+        p(&pki.client_cert),
+        p(&pki.client_key)
     );
-    let hub = Hub::start(&cfg);
-    hub.wait_for_log("connected to the broker", WAIT);
-    hub.wait_for_log("didhub ready", WAIT);
+    let t = TestHub::ready(tempdir(), &tls.url(), &mqtt_tls(&pki.ca, &client));
+    let d = t.dir.path();
     let out = send(
         d,
-        &mqtts(&mq),
+        &tls.url(),
         &[
             "--ca-file",
             p(&pki.ca),
@@ -520,17 +510,8 @@ fn mtls_client_certificate_connects_and_no_certificate_is_refused() {
     wait_until("the post stored", WAIT, || stored(d) == 1);
 
     // A second hub without a client certificate: refused, and the log says so.
-    let dir2 = tempfile::tempdir().unwrap();
-    let d2 = dir2.path();
-    let cfg2 = write_config(
-        d2,
-        &format!(
-            "url = \"{}\"\n[mqtt.tls]\nca_file = \"{}\"\n",
-            mqtts(&mq),
-            p(&pki.ca)
-        ),
-    );
-    let hub2 = Hub::start(&cfg2);
+    let t2 = TestHub::start(tempdir(), &tls.url(), &mqtt_tls(&pki.ca, ""));
+    let (d2, hub2) = (t2.dir.path(), &t2.hub);
     let line = hub2.wait_for_log("TLS with the broker", WAIT);
     eprintln!("no client certificate: {line}");
     assert!(line.contains("ERROR"), "{line}");
@@ -542,7 +523,7 @@ fn mtls_client_certificate_connects_and_no_certificate_is_refused() {
     assert_eq!(hub2.log().count("connected to the broker"), 0);
 
     // send without --cert-file: refused too.
-    let out = send(d2, &mqtts(&mq), &["--ca-file", p(&pki.ca)]);
+    let out = send(d2, &tls.url(), &["--ca-file", p(&pki.ca)]);
     assert!(!out.status.success(), "no client certificate must fail");
 }
 
@@ -573,21 +554,13 @@ fn password_broker() -> (Mosquitto, TempDir) {
 #[test]
 fn password_file_right_password_stores_wrong_password_is_a_clear_error() {
     let (mq, _auth) = password_broker();
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let pw = d.join("mqtt.password");
+    let credentials =
+        |file: &Path| format!("username = \"hub\"\npassword_file = \"{}\"\n", p(file));
+    let dir = tempdir();
+    let pw = dir.path().join("mqtt.password");
     std::fs::write(&pw, "s3cret\n").unwrap();
-    let cfg = write_config(
-        d,
-        &format!(
-            "url = \"{}\"\nusername = \"hub\"\npassword_file = \"{}\"\n",
-            mq.url(),
-            p(&pw)
-        ),
-    );
-    let hub = Hub::start(&cfg);
-    hub.wait_for_log("connected to the broker", WAIT);
-    hub.wait_for_log("didhub ready", WAIT);
+    let t = TestHub::ready(dir, &mq.url(), &credentials(&pw));
+    let d = t.dir.path();
     let out = send(
         d,
         &mq.url(),
@@ -604,19 +577,11 @@ fn password_file_right_password_stores_wrong_password_is_a_clear_error() {
     assert!(err.contains("refused the credentials"), "{err}");
 
     // A hub with the wrong password: ERROR naming the broker, retried with backoff.
-    let dir2 = tempfile::tempdir().unwrap();
-    let d2 = dir2.path();
-    let wrong = d2.join("mqtt.password");
+    let dir2 = tempdir();
+    let wrong = dir2.path().join("mqtt.password");
     std::fs::write(&wrong, "wrong\n").unwrap();
-    let cfg2 = write_config(
-        d2,
-        &format!(
-            "url = \"{}\"\nusername = \"hub\"\npassword_file = \"{}\"\n",
-            mq.url(),
-            p(&wrong)
-        ),
-    );
-    let hub2 = Hub::start(&cfg2);
+    let t2 = TestHub::start(dir2, &mq.url(), &credentials(&wrong));
+    let hub2 = &t2.hub;
     let line = hub2.wait_for_log("refused the credentials", WAIT);
     eprintln!("wrong password: {line}");
     assert!(line.contains("ERROR"), "{line}");
@@ -661,18 +626,9 @@ fn mosquitto_pub_v5(port: u16, topic: &str, payload: &str, response_topic: &str)
 #[test]
 fn v5_report_goes_to_the_response_topic_and_the_session_survives_a_restart() {
     let mq = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let cfg = write_config(
-        d,
-        &format!(
-            "url = \"{}\"\nprotocol = \"v5\"\nsession_expiry = \"1h\"\n",
-            mq.url()
-        ),
-    );
-    let mut hub = Hub::start(&cfg);
-    hub.wait_for_log("connected to the broker", WAIT);
-    hub.wait_for_log("didhub ready", WAIT);
+    let v5 = "protocol = \"v5\"\nsession_expiry = \"1h\"\n";
+    let mut t = TestHub::ready(tempdir(), &mq.url(), v5);
+    let (d, hub) = (t.dir.path(), &mut t.hub);
     let to = hub_did(d);
     let device = Identity::load(&keygen(d)).unwrap();
 

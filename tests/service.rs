@@ -15,40 +15,9 @@ use didhub::did::Identity;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A hub config for an external broker: `top` goes before the first table, `rest` after.
-fn config_text(dir: &Path, mqtt_url: &str, client_id: &str, top: &str, rest: &str) -> String {
-    format!(
-        r#"state_dir = "{state}"
-{top}
-[mqtt]
-url = "{mqtt_url}"
-client_id = "{client_id}"
-reconnect_min = "50ms"
-reconnect_max = "500ms"
-[broker]
-embedded = false
-[pipeline]
-workers = 2
-{rest}
-"#,
-        state = dir.join("state").display(),
-    )
-}
-
-fn write_config(dir: &Path, text: &str) -> PathBuf {
-    let path = dir.join("hub.toml");
-    std::fs::write(&path, text).unwrap();
-    let out = didhub(&["--config", path.to_str().unwrap(), "validate"]);
-    assert!(
-        out.status.success(),
-        "config must validate: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    path
-}
-
-fn client_id() -> String {
-    format!("hub-{}", uuid::Uuid::new_v4().simple())
+/// The hub config of these tests: an external broker, two workers.
+fn hub_config(dir: &Path, mqtt_url: &str) -> HubConfig {
+    HubConfig::new(dir, mqtt_url).workers(2)
 }
 
 fn keygen(dir: &Path, name: &str) -> (PathBuf, Identity) {
@@ -163,16 +132,7 @@ fn systemd_notify_ready_status_watchdog_stopping() {
     let d = dir.path();
     let mq = Mosquitto::start();
     let (key, _) = keygen(d, "dev1");
-    let cfg = write_config(
-        d,
-        &config_text(
-            d,
-            &mq.url(),
-            &client_id(),
-            "stats_interval = \"1s\"",
-            "[http]\nlisten = \"\"\n[[routes]]\ntopics = [\"devices/+/telemetry\"]\n",
-        ),
-    );
+    let cfg = hub_config(d, &mq.url()).stats_interval("1s").write();
     let notify = NotifySocket::bind(d.join("notify.sock"));
     let path = notify.path.to_str().unwrap().to_string();
     // No WATCHDOG_PID: sd-notify then trusts WATCHDOG_USEC (systemd sets both; the PID is the
@@ -234,18 +194,9 @@ fn metrics_health_and_readiness() {
     let mut mq = Mosquitto::start();
     let port = free_port();
     let (key, _) = keygen(d, "dev1");
-    let cfg = write_config(
-        d,
-        &config_text(
-            d,
-            &mq.url(),
-            &client_id(),
-            "",
-            &format!(
-                "[http]\nlisten = \"127.0.0.1:{port}\"\n[[routes]]\ntopics = [\"devices/+/telemetry\"]\n"
-            ),
-        ),
-    );
+    let cfg = hub_config(d, &mq.url())
+        .http_listen(&format!("127.0.0.1:{port}"))
+        .write();
     let hub = Hub::start(&cfg);
     hub.wait_for_log("HTTP listener", WAIT);
     let get = |path: &str| http_get(port, path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
@@ -350,10 +301,11 @@ fn sighup_reloads_registry_and_routes_and_keeps_them_on_a_bad_file() {
     let d = dir.path();
     let mq = Mosquitto::start();
     let (key, dev) = keygen(d, "dev1");
-    let id = client_id();
-    let registry_route = "[http]\nlisten = \"\"\n[[routes]]\nname = \"reg\"\n\
+    let registry_route = "[[routes]]\nname = \"reg\"\n\
                           topics = [\"reg/+/t\"]\nsenders = \"registry\"\nmeasurement = \"reg\"\n";
-    let cfg = write_config(d, &config_text(d, &mq.url(), &id, "", registry_route));
+    // Rewritten below from clones of `config`: the same client_id, as a reload requires.
+    let config = hub_config(d, &mq.url()).routes(registry_route);
+    let cfg = config.write();
     let hub = Hub::start(&cfg);
     hub.wait_for_log("connected to the broker", WAIT);
 
@@ -368,7 +320,7 @@ fn sighup_reloads_registry_and_routes_and_keeps_them_on_a_bad_file() {
          [[devices]]\ndid = \"{}\"\nname = \"boiler-1\"\n",
         dev.did
     );
-    write_config(d, &config_text(d, &mq.url(), &id, "", &good));
+    config.clone().routes(&good).write();
     let from = hub.logs().len();
     hup(&hub);
     let (_, line) = hub.wait_for_log_from(from, "configuration reloaded", WAIT);
@@ -392,17 +344,8 @@ fn sighup_reloads_registry_and_routes_and_keeps_them_on_a_bad_file() {
     );
 
     // A broken file: refused, logged with the key, the running configuration stays.
-    std::fs::write(
-        &cfg,
-        config_text(
-            d,
-            &mq.url(),
-            &id,
-            "",
-            &format!("{good}[[routes]]\ntopics = [\"bad/#/x\"]\n"),
-        ),
-    )
-    .unwrap();
+    let bad = config.routes(&format!("{good}[[routes]]\ntopics = [\"bad/#/x\"]\n"));
+    std::fs::write(&cfg, bad.text()).unwrap();
     let from = hub.logs().len();
     hup(&hub);
     let (_, line) = hub.wait_for_log_from(from, "configuration reload failed", WAIT);

@@ -1733,6 +1733,191 @@ fn has_exited(pid: u32) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
+// hub.toml
+// ---------------------------------------------------------------------------------------------
+
+/// The route a `HubConfig` has unless `routes` replaces it: points go to measurement `post`.
+pub const DEFAULT_ROUTE: &str = "[[routes]]\ntopics = [\"devices/+/telemetry\"]\n";
+
+/// The hub.toml of a daemon under test that uses a broker the test started.
+///
+/// Unless an option says otherwise: `state_dir = "DIR/state"`, a random `client_id` (kept by
+/// clones, so a rewritten config is the same client), reconnects from 50 ms up to 500 ms, no
+/// embedded broker, no HTTP listener, the embedded store, `DEFAULT_ROUTE`, and the daemon's
+/// defaults for every other key.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    dir: PathBuf,
+    mqtt_url: String,
+    client_id: String,
+    reconnect_max: String,
+    mqtt: String,
+    stats_interval: Option<String>,
+    http_listen: String,
+    workers: Option<usize>,
+    shutdown_timeout: Option<String>,
+    influxdb_url: Option<String>,
+    influxdb_retry_min: String,
+    influxdb_batch_size: Option<usize>,
+    tables: String,
+    routes: String,
+}
+
+impl HubConfig {
+    /// A config in `dir` (the hub's state goes to `dir/state`) for the broker at `mqtt_url`.
+    pub fn new(dir: &Path, mqtt_url: &str) -> HubConfig {
+        HubConfig {
+            dir: dir.to_owned(),
+            mqtt_url: mqtt_url.to_owned(),
+            client_id: format!("hub-{}", uuid::Uuid::new_v4().simple()),
+            reconnect_max: "500ms".into(),
+            mqtt: String::new(),
+            stats_interval: None,
+            http_listen: String::new(),
+            workers: None,
+            shutdown_timeout: None,
+            influxdb_url: None,
+            influxdb_retry_min: "50ms".into(),
+            influxdb_batch_size: None,
+            tables: String::new(),
+            routes: DEFAULT_ROUTE.into(),
+        }
+    }
+
+    /// `mqtt.reconnect_max` (default 500 ms).
+    pub fn reconnect_max(mut self, duration: &str) -> Self {
+        self.reconnect_max = duration.into();
+        self
+    }
+
+    /// More `[mqtt]` lines: `protocol`, credentials, a `[mqtt.tls]` table last.
+    pub fn mqtt(mut self, lines: &str) -> Self {
+        self.mqtt = toml_lines(lines);
+        self
+    }
+
+    /// `stats_interval` (the daemon's default otherwise).
+    pub fn stats_interval(mut self, duration: &str) -> Self {
+        self.stats_interval = Some(duration.into());
+        self
+    }
+
+    /// `http.listen` (default off).
+    pub fn http_listen(mut self, addr: &str) -> Self {
+        self.http_listen = addr.into();
+        self
+    }
+
+    /// `pipeline.workers` (one per core otherwise).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = Some(workers);
+        self
+    }
+
+    /// `pipeline.shutdown_timeout`.
+    pub fn shutdown_timeout(mut self, duration: &str) -> Self {
+        self.shutdown_timeout = Some(duration.into());
+        self
+    }
+
+    /// Points go to InfluxDB at `url` (org `o`, bucket `b`, token `secret-token`, retries from
+    /// 50 ms up to 1 s) instead of the embedded store.
+    pub fn influxdb(mut self, url: &str) -> Self {
+        self.influxdb_url = Some(url.into());
+        self
+    }
+
+    /// `store.influxdb.retry_min` (default 50 ms).
+    pub fn influxdb_retry_min(mut self, duration: &str) -> Self {
+        self.influxdb_retry_min = duration.into();
+        self
+    }
+
+    /// `store.influxdb.batch_size`.
+    pub fn influxdb_batch_size(mut self, points: usize) -> Self {
+        self.influxdb_batch_size = Some(points);
+        self
+    }
+
+    /// More tables as TOML, each from its `[header]` on (`[reports]`, `[outbox]`).
+    pub fn tables(mut self, toml: &str) -> Self {
+        self.tables = toml_lines(toml);
+        self
+    }
+
+    /// The `[[routes]]` (and `[[devices]]`) instead of `DEFAULT_ROUTE`.
+    pub fn routes(mut self, toml: &str) -> Self {
+        self.routes = toml_lines(toml);
+        self
+    }
+
+    /// The TOML text (write it yourself for a file that is meant to fail).
+    pub fn text(&self) -> String {
+        let mut t = format!("state_dir = \"{}\"\n", self.dir.join("state").display());
+        if let Some(interval) = &self.stats_interval {
+            let _ = writeln!(t, "stats_interval = \"{interval}\"");
+        }
+        let _ = write!(
+            t,
+            "[mqtt]\nurl = \"{}\"\nclient_id = \"{}\"\nreconnect_min = \"50ms\"\n\
+             reconnect_max = \"{}\"\n{}",
+            self.mqtt_url, self.client_id, self.reconnect_max, self.mqtt
+        );
+        t.push_str("[broker]\nembedded = false\n");
+        let _ = writeln!(t, "[http]\nlisten = \"{}\"", self.http_listen);
+        if self.workers.is_some() || self.shutdown_timeout.is_some() {
+            t.push_str("[pipeline]\n");
+        }
+        if let Some(workers) = self.workers {
+            let _ = writeln!(t, "workers = {workers}");
+        }
+        if let Some(timeout) = &self.shutdown_timeout {
+            let _ = writeln!(t, "shutdown_timeout = \"{timeout}\"");
+        }
+        if let Some(url) = &self.influxdb_url {
+            let _ = write!(
+                t,
+                "[store]\nkind = \"influxdb\"\n[store.influxdb]\nurl = \"{url}\"\n\
+                 organization = \"o\"\nbucket = \"b\"\ntoken = \"secret-token\"\n\
+                 retry_min = \"{}\"\nretry_max = \"1s\"\n",
+                self.influxdb_retry_min
+            );
+            if let Some(n) = self.influxdb_batch_size {
+                let _ = writeln!(t, "batch_size = {n}");
+            }
+        }
+        t.push_str(&self.tables);
+        t.push_str(&self.routes);
+        t
+    }
+
+    /// Writes `DIR/hub.toml`, checks it with `didhub validate` and returns its path.
+    pub fn write(&self) -> PathBuf {
+        let path = self.dir.join("hub.toml");
+        let text = self.text();
+        std::fs::write(&path, &text)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        let out = didhub(&["--config", &path.to_string_lossy(), "validate"]);
+        assert!(
+            out.status.success(),
+            "{} must validate: {}\n{text}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        path
+    }
+}
+
+/// `s` with a final newline unless it is empty.
+fn toml_lines(s: &str) -> String {
+    let mut s = s.to_owned();
+    if !s.is_empty() && !s.ends_with('\n') {
+        s.push('\n');
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
 // Small helpers every test file uses
 // ---------------------------------------------------------------------------------------------
 
