@@ -745,6 +745,8 @@ impl Committer {
         rx: flume::Receiver<Work>,
         tx: flume::Sender<Vec<Settled>>,
     ) -> Result<(), store::StoreError> {
+        // Checkpoints happen beside the commits, not inside one of them.
+        let _checkpointer = store::Checkpointer::start(&self.conn);
         let mut last_expiry = Instant::now();
         let mut last_len = 0usize;
         while let Ok(first) = rx.recv() {

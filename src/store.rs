@@ -96,6 +96,74 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// Moves WAL frames into the database file on a thread of its own ("checkpoint"), so the
+/// connection it is started for never checkpoints inside a commit: its `wal_autocheckpoint` is
+/// set to 0 while the checkpointer runs. PASSIVE checkpoints never block the writer or readers;
+/// the WAL restarts from its beginning at the first commit after a complete one. Stops (after a
+/// last checkpoint) when dropped.
+pub struct Checkpointer {
+    stop: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How often the checkpointer runs: WAL growth between two runs stays near what SQLite's own
+/// auto-checkpoint allows (1000 pages) at the hub's commit rates.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
+
+impl Checkpointer {
+    /// Starts checkpointing for `writer`'s database; `None` (and `writer` unchanged) for an
+    /// in-memory database or if the second connection cannot be opened.
+    pub fn start(writer: &Connection) -> Option<Checkpointer> {
+        let path = writer.path().filter(|p| !p.is_empty())?.to_string();
+        let conn = Connection::open(&path).ok()?;
+        conn.busy_timeout(Duration::from_secs(10)).ok()?;
+        conn.pragma_update(None, "synchronous", "FULL").ok()?;
+        writer.pragma_update(None, "wal_autocheckpoint", 0).ok()?;
+        let stop = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                let (lock, wake) = &*flag;
+                let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    stopped = wake
+                        .wait_timeout(stopped, CHECKPOINT_EVERY)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    let done = *stopped;
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+                    }
+                    if done {
+                        return;
+                    }
+                }
+            })
+            .ok();
+        let Some(handle) = handle else {
+            let _ = writer.pragma_update(None, "wal_autocheckpoint", 1000);
+            return None;
+        };
+        Some(Checkpointer {
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.stop;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        wake.notify_one();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// What a commit did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Committed {
@@ -389,5 +457,35 @@ mod tests {
         outbox_dead_letter(&mut c, &rows[1..], "400: bad", 1).unwrap();
         assert_eq!(outbox_len(&c).unwrap(), 0);
         assert_eq!(dead_letters(&c).unwrap()[0].1, "400: bad");
+    }
+
+    #[test]
+    fn the_checkpointer_moves_the_wal_into_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db");
+        let mut c = open(&db).unwrap();
+        let checkpointer = Checkpointer::start(&c).expect("a file database");
+        // The writer no longer checkpoints itself: only the checkpointer can grow the file.
+        let auto: i64 = c
+            .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(auto, 0);
+        let before = std::fs::metadata(&db).unwrap().len();
+        let commits: Vec<Commit> = (0..2000).map(|i| commit(&format!("id-{i}"), 1)).collect();
+        for chunk in commits.chunks(100) {
+            let refs: Vec<&Commit> = chunk.iter().collect();
+            commit_batch(&mut c, Sink::Embedded, &refs).unwrap();
+        }
+        // Wait (up to 20 s, normally one 50 ms period) for the pages to reach the file.
+        let grown = (0..400).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            std::fs::metadata(&db).unwrap().len() > before + 100 * 1024
+        });
+        drop(checkpointer);
+        assert!(grown, "the database file stayed at {before} bytes");
+        let rows: i64 = c
+            .query_row("SELECT COUNT(*) FROM points", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 2000);
     }
 }
