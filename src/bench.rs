@@ -641,6 +641,7 @@ fn run_in_dir(
                     topic: corpus.topics[p.device].clone(),
                     payload: p.body.clone(),
                     response_topic: None,
+                    correlation_data: None,
                     ack: None,
                     received_ns: crate::now_ns(),
                 };

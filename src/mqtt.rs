@@ -171,13 +171,30 @@ impl Client {
         }
     }
 
-    /// Publishes at QoS 1 without waiting.
-    pub fn try_publish(&self, topic: String, payload: Vec<u8>) -> Result<(), TryError> {
+    /// Publishes at QoS 1 without waiting; with MQTT 5, with `correlation_data` if given.
+    pub fn try_publish(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        correlation_data: Option<Bytes>,
+    ) -> Result<(), TryError> {
         match self {
             Client::V4(c) => try_v4(c.try_publish(topic, QoS::AtLeastOnce, false, payload)),
-            Client::V5(c) => {
-                try_v5(c.try_publish(topic, v5::mqttbytes::QoS::AtLeastOnce, false, payload))
-            }
+            Client::V5(c) => match correlation_data {
+                None => {
+                    try_v5(c.try_publish(topic, v5::mqttbytes::QoS::AtLeastOnce, false, payload))
+                }
+                Some(data) => try_v5(c.try_publish_with_properties(
+                    topic,
+                    v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    payload,
+                    v5::mqttbytes::v5::PublishProperties {
+                        correlation_data: Some(data),
+                        ..Default::default()
+                    },
+                )),
+            },
         }
     }
 
@@ -366,6 +383,7 @@ struct Received {
     topic: String,
     payload: Bytes,
     response_topic: Option<String>,
+    correlation_data: Option<Bytes>,
     ack: Option<Publish>,
 }
 
@@ -399,6 +417,7 @@ impl EventLoop {
                             topic: p.topic,
                             payload: p.payload,
                             response_topic: None,
+                            correlation_data: None,
                             ack,
                         })
                     }
@@ -430,12 +449,16 @@ impl EventLoop {
                             a.pkid = p.pkid;
                             a
                         });
+                        let (response_topic, correlation_data) = p
+                            .properties
+                            .map(|props| (props.response_topic, props.correlation_data))
+                            .unwrap_or_default();
+                        let response_topic = response_topic.filter(|t| !t.is_empty());
                         Ev::Publish(Received {
                             topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                            response_topic: p
-                                .properties
-                                .and_then(|props| props.response_topic)
-                                .filter(|t| !t.is_empty()),
+                            // Correlation Data means something only with a Response Topic.
+                            correlation_data: correlation_data.filter(|_| response_topic.is_some()),
+                            response_topic,
                             payload: p.payload,
                             ack,
                         })
@@ -562,6 +585,7 @@ pub async fn poll_loop(
                     topic: p.topic,
                     payload: p.payload,
                     response_topic: p.response_topic,
+                    correlation_data: p.correlation_data,
                     ack: p.ack,
                     received_ns: crate::now_ns(),
                 };
@@ -654,7 +678,7 @@ fn flush_acks(client: &Client, stats: &Stats, waiting: &mut VecDeque<Publish>) {
 
 fn settle(client: &Client, stats: &Stats, s: Settled, waiting: &mut VecDeque<Publish>) {
     if let Some(r) = s.report {
-        match client.try_publish(r.topic.clone(), r.body.into_bytes()) {
+        match client.try_publish(r.topic.clone(), r.body.into_bytes(), r.correlation_data) {
             Ok(()) => {
                 stats.reports_sent.fetch_add(1, Ordering::Relaxed);
             }

@@ -33,6 +33,8 @@ pub struct Inbound {
     pub payload: Bytes,
     /// The MQTT 5 Response Topic, if any.
     pub response_topic: Option<String>,
+    /// The MQTT 5 Correlation Data, if any: echoed on a report sent to the Response Topic.
+    pub correlation_data: Option<bytes::Bytes>,
     /// What to acknowledge once the message is settled (QoS 1).
     pub ack: Option<rumqttc::Publish>,
     /// Hub receive time, ns since the epoch.
@@ -46,6 +48,20 @@ pub struct Report {
     pub topic: String,
     /// Packed DIDComm message.
     pub body: String,
+    /// MQTT 5 Correlation Data to publish it with (the rejected publish's, when the report goes
+    /// to that publish's Response Topic).
+    pub correlation_data: Option<bytes::Bytes>,
+}
+
+impl Report {
+    /// The report with `data` as its MQTT 5 Correlation Data (the rejected publish's: the poll
+    /// task keeps it only when that publish named a Response Topic, where the report then goes).
+    pub fn with_correlation_data(self, data: Option<bytes::Bytes>) -> Report {
+        Report {
+            correlation_data: data,
+            ..self
+        }
+    }
 }
 
 /// A settled message on its way to the acker.
@@ -377,6 +393,8 @@ pub enum Work {
         rejection_if_replay: Rejection,
         /// Where that report would go.
         report_topic: String,
+        /// MQTT 5 Correlation Data for that report.
+        correlation_data: Option<bytes::Bytes>,
     },
     /// Nothing to commit; settle at once.
     Done(Settled),
@@ -496,7 +514,9 @@ impl Shared {
             }
             Verdict::Reject(r) => {
                 let topic = report_topic(r.sender.as_deref());
-                let report = self.reject(&r, topic, &route.name);
+                let report = self
+                    .reject(&r, topic, &route.name)
+                    .map(|r| r.with_correlation_data(m.correlation_data.clone()));
                 return Work::Done(Settled {
                     seq: m.seq,
                     ack: m.ack,
@@ -521,7 +541,9 @@ impl Shared {
                     m.topic.clone(),
                 ],
             );
-            let report = self.reject(&r, report_topic(r.sender.as_deref()), &route.name);
+            let report = self
+                .reject(&r, report_topic(r.sender.as_deref()), &route.name)
+                .map(|r| r.with_correlation_data(m.correlation_data.clone()));
             return Work::Done(Settled {
                 seq: m.seq,
                 ack: m.ack,
@@ -553,7 +575,9 @@ impl Shared {
         match map_payload(&accepted.payload, &input) {
             Err(e) => {
                 let r = Rejection::of_accepted(&accepted, Code::RejectPost, vec![e.to_string()]);
-                let report = self.reject(&r, report_topic(r.sender.as_deref()), &route.name);
+                let report = self
+                    .reject(&r, report_topic(r.sender.as_deref()), &route.name)
+                    .map(|r| r.with_correlation_data(m.correlation_data.clone()));
                 Work::Done(Settled {
                     seq: m.seq,
                     ack: m.ack,
@@ -574,6 +598,7 @@ impl Shared {
                     seq: m.seq,
                     ack: m.ack,
                     report_topic: report_topic(accepted.sender.as_deref()),
+                    correlation_data: m.correlation_data.clone(),
                     commit: Commit {
                         sender: accepted.sender.clone().unwrap_or_default(),
                         msg_id: accepted.id.clone(),
@@ -613,7 +638,11 @@ impl Shared {
             self.escalate_to.as_deref(),
             now_secs(),
         )) {
-            Ok(body) => Some(Report { topic, body }),
+            Ok(body) => Some(Report {
+                topic,
+                body,
+                correlation_data: None,
+            }),
             Err(e) => {
                 self.stats
                     .reports_suppressed
@@ -819,6 +848,7 @@ impl Committer {
                         commit,
                         rejection_if_replay,
                         report_topic,
+                        correlation_data,
                     } => {
                         let report = match results.next() {
                             Some(CommitResult::Stored) => {
@@ -833,10 +863,10 @@ impl Committer {
                                 tracing::debug!(id = %commit.msg_id, "redelivery: acked and dropped");
                                 None
                             }
-                            Some(CommitResult::ReplayMismatch) | None => {
-                                self.shared
-                                    .reject(&rejection_if_replay, report_topic, "store")
-                            }
+                            Some(CommitResult::ReplayMismatch) | None => self
+                                .shared
+                                .reject(&rejection_if_replay, report_topic, "store")
+                                .map(|r| r.with_correlation_data(correlation_data)),
                         };
                         Settled { seq, ack, report }
                     }

@@ -185,6 +185,7 @@ name = "device-a"
             topic: topic.to_string(),
             payload: Bytes::from(bytes.into()),
             response_topic: None,
+            correlation_data: None,
             ack: None,
             received_ns: didhub::now_ns(),
         })

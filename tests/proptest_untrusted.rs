@@ -129,6 +129,7 @@ fn process(f: &Fixture, topic: &str, payload: &[u8]) -> Work {
         topic: topic.to_string(),
         payload: Bytes::copy_from_slice(payload),
         response_topic: None,
+        correlation_data: None,
         ack: None,
         received_ns: 1_700_000_000_000_000_000,
     })

@@ -608,7 +608,13 @@ fn password_file_right_password_stores_wrong_password_is_a_clear_error() {
 // (d) MQTT 5
 // ---------------------------------------------------------------------------------------------
 
-fn mosquitto_pub_v5(port: u16, topic: &str, payload: &str, response_topic: &str) {
+fn mosquitto_pub_v5(
+    port: u16,
+    topic: &str,
+    payload: &str,
+    response_topic: &str,
+    correlation_data: &str,
+) {
     let bin = find_program(
         "mosquitto_pub",
         &["/usr/bin/mosquitto_pub"],
@@ -618,6 +624,7 @@ fn mosquitto_pub_v5(port: u16, topic: &str, payload: &str, response_topic: &str)
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(["-V", "mqttv5", "-q", "1", "-t", topic, "-m", payload])
         .args(["-D", "publish", "response-topic", response_topic])
+        .args(["-D", "publish", "correlation-data", correlation_data])
         .output()
         .expect("run mosquitto_pub");
     assert!(out.status.success(), "mosquitto_pub: {out:?}");
@@ -650,7 +657,13 @@ fn v5_report_goes_to_the_response_topic_and_the_session_survives_a_restart() {
         now(),
     ))
     .unwrap();
-    mosquitto_pub_v5(mq.port, "devices/d1/telemetry", &good, "replies/d1");
+    mosquitto_pub_v5(
+        mq.port,
+        "devices/d1/telemetry",
+        &good,
+        "replies/d1",
+        "req-good",
+    );
     let bad = block(pack_post(
         &device,
         &to,
@@ -660,10 +673,20 @@ fn v5_report_goes_to_the_response_topic_and_the_session_survives_a_restart() {
         now(),
     ))
     .unwrap();
-    mosquitto_pub_v5(mq.port, "devices/d1/telemetry", &bad, "replies/d1");
+    mosquitto_pub_v5(
+        mq.port,
+        "devices/d1/telemetry",
+        &bad,
+        "replies/d1",
+        "req-17",
+    );
     wait_until("the signed post stored", WAIT, || stored(d) == 1);
     let got = replies.wait_for_messages(1, WAIT);
     assert_eq!(got[0].topic, "replies/d1", "the publish's Response Topic");
+    assert_eq!(
+        got[0].correlation_data, "req-17",
+        "the rejected publish's Correlation Data"
+    );
     let (report, signer) = block(unpack_report(&device, &got[0].text())).unwrap();
     assert_eq!(signer.as_deref(), Some(to.as_str()));
     assert_eq!(report["type"], REPORT_TYPE);
@@ -681,7 +704,13 @@ fn v5_report_goes_to_the_response_topic_and_the_session_survives_a_restart() {
         now(),
     ))
     .unwrap();
-    mosquitto_pub_v5(mq.port, "devices/d1/telemetry", &later, "replies/d1");
+    mosquitto_pub_v5(
+        mq.port,
+        "devices/d1/telemetry",
+        &later,
+        "replies/d1",
+        "req-later",
+    );
     let from = hub.logs().len();
     hub.start_again();
     let (_, line) = hub.wait_for_log_from(from, "connected to the broker", WAIT);

@@ -122,6 +122,7 @@ pub fn inbound(data: &[u8]) -> Inbound {
         topic,
         payload: Bytes::copy_from_slice(payload),
         response_topic: response.map(str::to_string),
+        correlation_data: None,
         ack: None,
         received_ns: 1_700_000_000_000_000_000,
     }

@@ -614,6 +614,8 @@ pub struct Message {
     pub qos: u8,
     /// Whether it was delivered as a retained message.
     pub retain: bool,
+    /// Its MQTT 5 Correlation Data (as text; empty if none or over MQTT 3.1.1).
+    pub correlation_data: String,
 }
 
 impl Message {
@@ -706,8 +708,9 @@ impl Collector {
             .args(["-q", &opts.qos.to_string(), "-V", opts.protocol])
             // -d prints "Subscribed (mid: 1): <granted qos>" once the SUBACK is in.
             .arg("-d")
-            // %x = payload as hex: payloads with newlines or binary stay one line.
-            .args(["-F", "MSG\\t%t\\t%q\\t%r\\t%x"]);
+            // %x = payload as hex: payloads with newlines or binary stay one line; %D = MQTT 5
+            // Correlation Data, last (tests use printable values without tabs).
+            .args(["-F", "MSG\\t%t\\t%q\\t%r\\t%x\\t%D"]);
         for topic in topics {
             cmd.args(["-t", topic]);
         }
@@ -837,16 +840,18 @@ impl Collector {
 }
 
 fn parse_message(rest: &str) -> Option<Message> {
-    let mut parts = rest.splitn(4, '\t');
+    let mut parts = rest.splitn(5, '\t');
     let topic = parts.next()?.to_owned();
     let qos = parts.next()?.parse().ok()?;
     let retain = parts.next()? == "1";
     let payload = decode_hex(parts.next()?)?;
+    let correlation_data = parts.next().unwrap_or("").to_owned();
     Some(Message {
         topic,
         payload,
         qos,
         retain,
+        correlation_data,
     })
 }
 
