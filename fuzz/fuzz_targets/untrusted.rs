@@ -1,6 +1,7 @@
 //! Raw MQTT bytes -> `Shared::process` (verify, route, map, report packing). Never panics.
-//! Payloads that may be a JWS are also verified with the signed fast path on and off; the
-//! verdicts must be the same (`check_fast_path`).
+//! Every payload is also verified with the verifier's fast paths (signed, authcrypt,
+//! plaintext) on and off under all four requirements; the verdicts must be the same
+//! (`check_fast_path`).
 #![no_main]
 
 use std::sync::OnceLock;

@@ -95,15 +95,21 @@ fn write_seeds(dir: &Path) {
     });
     let mut n = 0;
 
-    // Every envelope from both devices on the authenticated, signed, open and registry routes
-    // (signed posts on all but authcrypt take the verifier's signed fast path).
+    // Every envelope from both devices on every route (the differential check verifies every
+    // payload under all four requirements anyway; the topic decides what `run_one` sees).
+    // Signed posts take the verifier's signed fast path (not under authcrypt), authcrypt posts
+    // to the hub's key its authcrypt fast path (under every requirement), plaintext posts its
+    // plaintext fast path (under `any`: the open, opents and regany routes).
     for (dname, dev) in &devices {
         for mode in ENVELOPES {
             for (tname, topic) in [
                 ("auth", "auth/dev1/t"),
                 ("signed", "signed/dev1/t"),
+                ("authcrypt", "authcrypt/dev1/t"),
+                ("open", "open/dev1"),
                 ("opents", "opents/dev1/x"),
                 ("reg", "reg/dev1/t"),
+                ("regany", "regany/dev1"),
             ] {
                 let id = format!("{dname}-{}-{tname}", mode.as_str());
                 let packed = block_on(pack_post(dev, &hub.did, &id, payload.clone(), mode, now))
@@ -268,6 +274,76 @@ fn write_seeds(dir: &Path) {
         anon_plain,
         Envelope::Plaintext,
     ));
+    // For the authcrypt and plaintext fast paths: what they hand to `Message::unpack` (a
+    // `signatures` or `ciphertext` member beside the message's, another `typ`) and what they
+    // accept but the policy then judges (a report, two `to`, expired).
+    let mut report_plain = base("report-plain", json!({"code": "e.p.x", "comment": "x"}));
+    report_plain["type"] = json!(REPORT_TYPE);
+    special.push((
+        "report-plaintext",
+        "open/dev1",
+        report_plain,
+        Envelope::Plaintext,
+    ));
+    // (`to` without the hub cannot be packed as authcrypt to the hub: a second `to` instead.)
+    let mut two_to = base("two-to-ac", json!({"payload": 1}));
+    two_to["to"] = json!([peer.did, hub.did]);
+    special.push((
+        "two-to-authcrypt",
+        "authcrypt/dev1/t",
+        two_to,
+        Envelope::Authcrypt,
+    ));
+    let mut expired = base("expired-plain", json!({"payload": 1}));
+    expired["expires_time"] = json!(now - 10);
+    special.push((
+        "expired-plaintext",
+        "open/dev1",
+        expired,
+        Envelope::Plaintext,
+    ));
+    let mut with_sigs = base("with-signatures", json!({"payload": 1}));
+    with_sigs["signatures"] = json!([{"header": {"kid": dev.signing_kid()}, "signature": "x"}]);
+    special.push((
+        "member-signatures-authcrypt",
+        "authcrypt/dev1/t",
+        with_sigs.clone(),
+        Envelope::Authcrypt,
+    ));
+    special.push((
+        "member-signatures-plaintext",
+        "open/dev1",
+        with_sigs,
+        Envelope::Plaintext,
+    ));
+    let mut with_ct = base("with-ciphertext", json!({"payload": 1}));
+    with_ct["ciphertext"] = json!("AAAA");
+    special.push((
+        "member-ciphertext-authcrypt",
+        "auth/dev1/t",
+        with_ct.clone(),
+        Envelope::Authcrypt,
+    ));
+    special.push((
+        "member-ciphertext-plaintext",
+        "regany/dev1",
+        with_ct,
+        Envelope::Plaintext,
+    ));
+    let mut other_typ = base("other-typ", json!({"payload": 1}));
+    other_typ["typ"] = json!("application/didcomm-signed+json");
+    special.push((
+        "other-typ-authcrypt",
+        "authcrypt/dev1/t",
+        other_typ.clone(),
+        Envelope::Authcrypt,
+    ));
+    special.push((
+        "other-typ-plaintext",
+        "open/dev1",
+        other_typ,
+        Envelope::Plaintext,
+    ));
     for (name, topic, msg, mode) in special {
         let packed = block_on(pack_message(dev, &hub.did, msg, mode))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -316,6 +392,34 @@ fn write_seeds(dir: &Path) {
     tampered["signatures"][0]["signature"] = json!(String::from_utf8(bad).unwrap());
     let mut no_tag: Value = serde_json::from_str(&authcrypt).unwrap();
     no_tag.as_object_mut().unwrap().remove("tag");
+    // Authcrypt to the hub, changed after packing: the fast path must fail (or leave it to
+    // `Message::unpack`) on each, and the verdicts must still agree.
+    let ac: Value = serde_json::from_str(&authcrypt).unwrap();
+    let flip_at = |v: &Value, pointer: &str| {
+        let mut v = v.clone();
+        let mut s = v
+            .pointer(pointer)
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .as_bytes()
+            .to_vec();
+        let i = s.len() / 2;
+        s[i] = if s[i] == b'A' { b'B' } else { b'A' };
+        *v.pointer_mut(pointer).unwrap() = json!(String::from_utf8(s).unwrap());
+        v
+    };
+    let ac_bad_ciphertext = flip_at(&ac, "/ciphertext");
+    let ac_bad_key = flip_at(&ac, "/recipients/0/encrypted_key");
+    let ac_bad_iv = flip_at(&ac, "/iv");
+    let mut ac_two_recipients = ac.clone();
+    let r0 = ac["recipients"][0].clone();
+    ac_two_recipients["recipients"] = json!([r0.clone(), r0]);
+    let mut ac_padded = ac.clone();
+    let tag = ac["tag"].as_str().unwrap();
+    ac_padded["tag"] = json!(format!("{tag}="));
+    let mut ac_extra_member = ac.clone();
+    ac_extra_member["x-extra"] = json!(1);
     let b64 = |s: &str| {
         use std::fmt::Write as _;
         // base64url without padding, by hand (no extra dependency).
@@ -351,6 +455,47 @@ fn write_seeds(dir: &Path) {
         ("signed-truncated", "auth/dev1/t", signed.as_bytes()[..signed.len() / 2].to_vec()),
         ("signed-bad-signature", "auth/dev1/t", tampered.to_string().into_bytes()),
         ("authcrypt-no-tag", "authcrypt/dev1/t", no_tag.to_string().into_bytes()),
+        ("authcrypt-bad-ciphertext", "authcrypt/dev1/t", ac_bad_ciphertext.to_string().into_bytes()),
+        ("authcrypt-bad-encrypted-key", "auth/dev1/t", ac_bad_key.to_string().into_bytes()),
+        ("authcrypt-bad-iv", "open/dev1", ac_bad_iv.to_string().into_bytes()),
+        ("authcrypt-two-recipients", "authcrypt/dev1/t", ac_two_recipients.to_string().into_bytes()),
+        ("authcrypt-padded-tag", "authcrypt/dev1/t", ac_padded.to_string().into_bytes()),
+        ("authcrypt-extra-member", "authcrypt/dev1/t", ac_extra_member.to_string().into_bytes()),
+        ("authcrypt-truncated", "authcrypt/dev1/t", authcrypt.as_bytes()[..authcrypt.len() / 2].to_vec()),
+        // Plaintext text variants for the plaintext fast path: escaped member names (an escaped
+        // `ciphertext` misses the cheap member test), a duplicate member, another `typ`.
+        (
+            "plaintext-escaped-names",
+            "open/dev1",
+            format!(
+                r#"{{"id":"esc","typ":"application/didcomm-plain+json","type":"{POST_TYPE}","from":"{}","to":["{}"],"created_time":{now},"body":{{"payload":{{"v":1}}}}}}"#,
+                dev.did, hub.did
+            )
+            .into_bytes(),
+        ),
+        (
+            "plaintext-escaped-ciphertext",
+            "open/dev1",
+            format!(
+                r#"{{"id":"esc-ct","typ":"application/didcomm-plain+json","type":"{POST_TYPE}","created_time":{now},"body":{{"payload":1}},"ciphertext":"AAAA"}}"#
+            )
+            .into_bytes(),
+        ),
+        (
+            "plaintext-duplicate-member",
+            "regany/dev1",
+            format!(
+                r#"{{"id":"dup","id":"dup2","typ":"application/didcomm-plain+json","type":"{POST_TYPE}","from":"{}","created_time":{now},"body":{{"payload":1}}}}"#,
+                dev.did
+            )
+            .into_bytes(),
+        ),
+        (
+            "plaintext-no-typ",
+            "opents/dev1/x",
+            format!(r#"{{"id":"no-typ","type":"{POST_TYPE}","body":{{"payload":{{"ts":{now}}}}}}}"#)
+                .into_bytes(),
+        ),
     ];
     for (name, topic, bytes) in malformed {
         put(dir, &format!("bad-{name}"), topic, &bytes);
