@@ -706,31 +706,8 @@ impl LocalResolver {
             return Some(key);
         }
         self.key_misses.fetch_add(1, Ordering::Relaxed);
-        let (did, fragment) = kid.split_once('#')?;
-        if fragment.is_empty() {
-            return None;
-        }
-        let doc = self.resolve_checked(did).ok()?;
-        if !doc.authentication.iter().any(|k| k == kid) {
-            return None;
-        }
-        let vm = doc.verification_method.iter().find(|vm| vm.id == kid)?;
-        let VerificationMaterial::JWK {
-            public_key_jwk: jwk,
-        } = &vm.verification_material
-        else {
-            return None;
-        };
-        if !matches!(vm.type_, VerificationMethodType::JsonWebKey2020)
-            || jwk.get("kty").and_then(Value::as_str) != Some("OKP")
-            || jwk.get("crv").and_then(Value::as_str) != Some("Ed25519")
-        {
-            return None;
-        }
-        let x = URL_SAFE_NO_PAD
-            .decode(jwk.get("x").and_then(Value::as_str)?)
-            .ok()?;
-        let key = VerifyingKey::from_bytes(&<[u8; 32]>::try_from(x.as_slice()).ok()?).ok()?;
+        let x = self.okp_key(kid, |doc| &doc.authentication, "Ed25519")?;
+        let key = VerifyingKey::from_bytes(&x).ok()?;
         if key.is_weak() {
             return None;
         }
@@ -748,12 +725,26 @@ impl LocalResolver {
             return Some(key);
         }
         self.key_misses.fetch_add(1, Ordering::Relaxed);
+        let key = self.okp_key(kid, |doc| &doc.key_agreement, "X25519")?;
+        self.agreement_keys.insert(kid.to_owned(), key);
+        Some(key)
+    }
+
+    /// The 32-byte `x` of the key `kid` names: `kid` is a DID URL with a fragment, its DID
+    /// resolves, `listed` (a verification relationship of the document) names `kid`, and its
+    /// verification method is a `JsonWebKey2020` OKP JWK on curve `crv`.
+    fn okp_key(
+        &self,
+        kid: &str,
+        listed: fn(&DIDDoc) -> &Vec<String>,
+        crv: &str,
+    ) -> Option<[u8; 32]> {
         let (did, fragment) = kid.split_once('#')?;
         if fragment.is_empty() {
             return None;
         }
         let doc = self.resolve_checked(did).ok()?;
-        if !doc.key_agreement.iter().any(|k| k == kid) {
+        if !listed(&doc).iter().any(|k| k == kid) {
             return None;
         }
         let vm = doc.verification_method.iter().find(|vm| vm.id == kid)?;
@@ -765,13 +756,11 @@ impl LocalResolver {
         };
         if !matches!(vm.type_, VerificationMethodType::JsonWebKey2020)
             || jwk.get("kty").and_then(Value::as_str) != Some("OKP")
-            || jwk.get("crv").and_then(Value::as_str) != Some("X25519")
+            || jwk.get("crv").and_then(Value::as_str) != Some(crv)
         {
             return None;
         }
-        let key = decode_b64_32(jwk.get("x"))?;
-        self.agreement_keys.insert(kid.to_owned(), key);
-        Some(key)
+        decode_b64_32(jwk.get("x"))
     }
 
     /// How many parsed keys of each kind the caches hold at most.

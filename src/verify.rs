@@ -1316,11 +1316,8 @@ mod tests {
         })
     }
 
-    /// The fast path must never change a verdict: every variant gets the same answer (code,
-    /// reason, linking, sender) with it on as with every message through `Message::unpack`.
-    #[test]
-    fn fast_path_gives_the_same_verdict_as_didcomm() {
-        let hub = Identity::generate(DidMethod::Key);
+    /// A verifier for `hub` with the fast paths on, and one with them off.
+    fn fast_and_slow(hub: &Identity) -> (Verifier, Verifier) {
         let verifier = |fast| {
             let mut v = Verifier::new(
                 hub.clone(),
@@ -1333,7 +1330,45 @@ mod tests {
             v.set_fast_path(fast);
             v
         };
-        let (fast, slow) = (verifier(true), verifier(false));
+        (verifier(true), verifier(false))
+    }
+
+    /// Verifies every `(name, message)` under every requirement with both verifiers and
+    /// asserts the same verdict (code, reason, linking, sender); returns the names accepted at
+    /// least once, sorted.
+    fn same_verdicts<'a, N: AsRef<str>>(
+        fast: &Verifier,
+        slow: &Verifier,
+        variants: &'a [(N, String)],
+    ) -> Vec<&'a str> {
+        let mut accepted = Vec::new();
+        for (name, text) in variants {
+            let name = name.as_ref();
+            for req in [
+                Require::Any,
+                Require::Signed,
+                Require::Authenticated,
+                Require::Authcrypt,
+            ] {
+                let a = run(fast.verify(text.as_bytes(), req, now()));
+                let b = run(slow.verify(text.as_bytes(), req, now()));
+                assert_eq!(format!("{a:?}"), format!("{b:?}"), "{name} on {req:?}");
+                if matches!(a, Verdict::Accept(_)) {
+                    accepted.push(name);
+                }
+            }
+        }
+        accepted.sort();
+        accepted.dedup();
+        accepted
+    }
+
+    /// The fast path must never change a verdict: every variant gets the same answer (code,
+    /// reason, linking, sender) with it on as with every message through `Message::unpack`.
+    #[test]
+    fn fast_path_gives_the_same_verdict_as_didcomm() {
+        let hub = Identity::generate(DidMethod::Key);
+        let (fast, slow) = fast_and_slow(&hub);
         let other = Identity::generate(DidMethod::Key);
         let mut variants: Vec<(String, String)> = Vec::new();
         for dev in [
@@ -1482,24 +1517,7 @@ mod tests {
                 jws(&other, &kid, hdr.clone(), &plain(PLAINTEXT_TYP, json!({}))),
             );
         }
-        let mut accepted = Vec::new();
-        for (name, text) in &variants {
-            for req in [
-                Require::Any,
-                Require::Signed,
-                Require::Authenticated,
-                Require::Authcrypt,
-            ] {
-                let a = run(fast.verify(text.as_bytes(), req, now()));
-                let b = run(slow.verify(text.as_bytes(), req, now()));
-                assert_eq!(format!("{a:?}"), format!("{b:?}"), "{name} on {req:?}");
-                if matches!(a, Verdict::Accept(_)) {
-                    accepted.push(name.as_str());
-                }
-            }
-        }
-        accepted.sort();
-        accepted.dedup();
+        let accepted = same_verdicts(&fast, &slow, &variants);
         // The good ones were accepted (so the comparison covers the fast path's accepts), and
         // the fast path really ran for them.
         // `didcomm`'s base64 tolerates `=` padding on the signature; the fast path does not, so
@@ -1597,19 +1615,7 @@ mod tests {
     #[test]
     fn authcrypt_fast_path_gives_the_same_verdict_as_didcomm() {
         let hub = Identity::generate(DidMethod::Key);
-        let verifier = |fast| {
-            let mut v = Verifier::new(
-                hub.clone(),
-                Arc::new(LocalResolver::new(64)),
-                VerifyLimits {
-                    max_message_bytes: 65536,
-                    clock_skew_secs: 300,
-                },
-            );
-            v.set_fast_path(fast);
-            v
-        };
-        let (fast, slow) = (verifier(true), verifier(false));
+        let (fast, slow) = fast_and_slow(&hub);
         let other = Identity::generate(DidMethod::Peer);
         let hub_kid = hub.agreement_kid();
         let mut variants: Vec<(String, String)> = Vec::new();
@@ -1769,24 +1775,7 @@ mod tests {
             );
             add("inner JWS", build(&same, inner_jws.to_string().as_bytes()));
         }
-        let mut accepted = Vec::new();
-        for (name, text) in &variants {
-            for req in [
-                Require::Any,
-                Require::Signed,
-                Require::Authenticated,
-                Require::Authcrypt,
-            ] {
-                let a = run(fast.verify(text.as_bytes(), req, now()));
-                let b = run(slow.verify(text.as_bytes(), req, now()));
-                assert_eq!(format!("{a:?}"), format!("{b:?}"), "{name} on {req:?}");
-                if matches!(a, Verdict::Accept(_)) {
-                    accepted.push(name.as_str());
-                }
-            }
-        }
-        accepted.sort();
-        accepted.dedup();
+        let accepted = same_verdicts(&fast, &slow, &variants);
         // The general path accepts what `didcomm` tolerates and the fast path leaves to it:
         // a signed payload, a `skid` only in `apu`, a padded tag, an `epk` with a `kid`.
         assert_eq!(
@@ -1843,19 +1832,7 @@ mod tests {
     #[test]
     fn plaintext_fast_path_gives_the_same_verdict_as_didcomm() {
         let hub = Identity::generate(DidMethod::Key);
-        let verifier = |fast| {
-            let mut v = Verifier::new(
-                hub.clone(),
-                Arc::new(LocalResolver::new(64)),
-                VerifyLimits {
-                    max_message_bytes: 65536,
-                    clock_skew_secs: 300,
-                },
-            );
-            v.set_fast_path(fast);
-            v
-        };
-        let (fast, slow) = (verifier(true), verifier(false));
+        let (fast, slow) = fast_and_slow(&hub);
         let dev = Identity::generate(DidMethod::Key);
         let plain = |extra: Value| {
             let mut p = json!({
@@ -1902,24 +1879,7 @@ mod tests {
         variants.push(("escaped ciphertext member", escaped));
         variants.push(("duplicate id", duplicate_id));
         variants.push(("duplicate type", duplicate_type));
-        let mut accepted = Vec::new();
-        for (name, text) in &variants {
-            for req in [
-                Require::Any,
-                Require::Signed,
-                Require::Authenticated,
-                Require::Authcrypt,
-            ] {
-                let a = run(fast.verify(text.as_bytes(), req, now()));
-                let b = run(slow.verify(text.as_bytes(), req, now()));
-                assert_eq!(format!("{a:?}"), format!("{b:?}"), "{name} on {req:?}");
-                if matches!(a, Verdict::Accept(_)) {
-                    accepted.push(*name);
-                }
-            }
-        }
-        accepted.sort();
-        accepted.dedup();
+        let accepted = same_verdicts(&fast, &slow, &variants);
         assert_eq!(accepted, ["good", "no from", "thid"]);
         let mut took_fast: Vec<&str> = variants
             .iter()
