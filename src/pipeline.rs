@@ -775,7 +775,7 @@ impl Committer {
         tx: flume::Sender<Vec<Settled>>,
     ) -> Result<(), store::StoreError> {
         // Checkpoints happen beside the commits, not inside one of them.
-        let _checkpointer = store::Checkpointer::start(&self.conn);
+        let checkpointer = store::Checkpointer::start(&self.conn);
         let mut last_expiry = Instant::now();
         let mut last_len = 0usize;
         while let Ok(first) = rx.recv() {
@@ -824,6 +824,7 @@ impl Committer {
                 .added(committed.outbox_rows, committed.outbox_bytes);
             let mut results = committed.results.into_iter();
             let mut stored_any = committed.outbox_rows > 0;
+            let mut wrote = !commits.is_empty();
             let mut out = Vec::with_capacity(batch.len());
             for w in batch {
                 let settled = match w {
@@ -834,8 +835,9 @@ impl Committer {
                             Ok(bytes) if self.sink == Sink::Outbox => {
                                 self.ship_stats.added(1, bytes);
                                 stored_any = true;
+                                wrote = true;
                             }
-                            Ok(_) => {}
+                            Ok(_) => wrote = true,
                             Err(e) => {
                                 tracing::warn!(error = %e, "could not store the hub's statistics")
                             }
@@ -885,9 +887,13 @@ impl Committer {
             if last_expiry.elapsed() > std::time::Duration::from_secs(60) {
                 last_expiry = Instant::now();
                 let cutoff = crate::now_ns() - self.replay_window_ns;
-                if let Err(e) = store::expire_seen(&self.conn, cutoff) {
-                    tracing::warn!(error = %e, "could not expire the replay window");
+                match store::expire_seen(&self.conn, cutoff) {
+                    Ok(expired) => wrote |= expired > 0,
+                    Err(e) => tracing::warn!(error = %e, "could not expire the replay window"),
                 }
+            }
+            if let Some(c) = checkpointer.as_ref().filter(|_| wrote) {
+                c.committed();
             }
         }
         Ok(())

@@ -98,16 +98,25 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
 
 /// Moves WAL frames into the database file on a thread of its own ("checkpoint"), so the
 /// connection it is started for never checkpoints inside a commit: its `wal_autocheckpoint` is
-/// set to 0 while the checkpointer runs. PASSIVE checkpoints never block the writer or readers;
-/// the WAL restarts from its beginning at the first commit after a complete one. Stops (after a
-/// last checkpoint) when dropped.
+/// set to 0 while the checkpointer runs. The writer calls [`Checkpointer::committed`] after
+/// writing; the thread then checkpoints at most every [`CHECKPOINT_EVERY`], and sleeps while
+/// nothing is written (an idle hub is not woken). PASSIVE checkpoints never block the writer or
+/// readers; the WAL restarts from its beginning at the first commit after a complete one. Stops
+/// (after a last checkpoint, if anything was written since the one before) when dropped.
 pub struct Checkpointer {
-    stop: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    state: std::sync::Arc<(std::sync::Mutex<CheckpointState>, std::sync::Condvar)>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
-/// How often the checkpointer runs: WAL growth between two runs stays near what SQLite's own
-/// auto-checkpoint allows (1000 pages) at the hub's commit rates.
+#[derive(Default)]
+struct CheckpointState {
+    /// Written since the last checkpoint.
+    dirty: bool,
+    stop: bool,
+}
+
+/// How often the checkpointer runs at most: WAL growth between two runs stays near what
+/// SQLite's own auto-checkpoint allows (1000 pages) at the hub's commit rates.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 
 impl Checkpointer {
@@ -119,24 +128,36 @@ impl Checkpointer {
         conn.busy_timeout(Duration::from_secs(10)).ok()?;
         conn.pragma_update(None, "synchronous", "FULL").ok()?;
         writer.pragma_update(None, "wal_autocheckpoint", 0).ok()?;
-        let stop = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-        let flag = stop.clone();
+        let state: std::sync::Arc<(std::sync::Mutex<CheckpointState>, std::sync::Condvar)> =
+            std::sync::Arc::default();
+        let shared = state.clone();
         let handle = std::thread::Builder::new()
             .name("checkpoint".into())
             .spawn(move || {
-                let (lock, wake) = &*flag;
-                let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+                let (lock, wake) = &*shared;
                 loop {
-                    stopped = wake
-                        .wait_timeout(stopped, CHECKPOINT_EVERY)
+                    let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    // Asleep until something is written (or the writer stops).
+                    while !st.dirty && !st.stop {
+                        st = wake.wait(st).unwrap_or_else(|e| e.into_inner());
+                    }
+                    if !st.dirty {
+                        return;
+                    }
+                    // Let commits gather for a while; only stopping cuts that short.
+                    st = wake
+                        .wait_timeout_while(st, CHECKPOINT_EVERY, |s| !s.stop)
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
-                    let done = *stopped;
+                    st.dirty = false;
+                    let stop = st.stop;
+                    drop(st);
                     if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
                     {
                         tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+                        lock.lock().unwrap_or_else(|e| e.into_inner()).dirty = true;
                     }
-                    if done {
+                    if stop {
                         return;
                     }
                 }
@@ -147,16 +168,23 @@ impl Checkpointer {
             return None;
         };
         Some(Checkpointer {
-            stop,
+            state,
             handle: Some(handle),
         })
+    }
+
+    /// Tells the checkpointer the writer has written (cheap: a lock and a wake-up).
+    pub fn committed(&self) {
+        let (lock, wake) = &*self.state;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).dirty = true;
+        wake.notify_one();
     }
 }
 
 impl Drop for Checkpointer {
     fn drop(&mut self) {
-        let (lock, wake) = &*self.stop;
-        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        let (lock, wake) = &*self.state;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
         wake.notify_one();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
@@ -475,6 +503,7 @@ mod tests {
         for chunk in commits.chunks(100) {
             let refs: Vec<&Commit> = chunk.iter().collect();
             commit_batch(&mut c, Sink::Embedded, &refs).unwrap();
+            checkpointer.committed();
         }
         // Wait (up to 20 s, normally one 50 ms period) for the pages to reach the file.
         let grown = (0..400).any(|_| {
