@@ -80,6 +80,9 @@ pub struct BenchArgs {
     /// (signed, authcrypt, plaintext; to measure what they save).
     #[arg(long)]
     pub no_fast_path: bool,
+    /// In process: check each signature alone (`verify_strict`), not in batches.
+    #[arg(long)]
+    pub no_batch_verify: bool,
     /// At most this many posts in the bare `Message::unpack` loop (0: skip it).
     #[arg(long, default_value_t = 50_000)]
     pub bare_limit: usize,
@@ -500,6 +503,8 @@ pub struct InProcessReport {
     pub did_cache_misses: u64,
     /// Whether the fast paths were on.
     pub fast_path: bool,
+    /// Whether signatures were checked in batches.
+    pub batch_verify: bool,
     /// Parsed-key cache hits (the signed and authcrypt fast paths).
     pub key_cache_hits: u64,
     /// Parsed-key cache misses.
@@ -594,6 +599,7 @@ fn run_in_dir(
     let stats = Arc::new(Stats::default());
     let mut shared = Shared::from_config(&cfg, corpus.hub.clone(), stats.clone());
     shared.verifier.set_fast_path(!args.no_fast_path);
+    shared.verifier.set_batch_verify(!args.no_batch_verify);
     let shared = Arc::new(shared);
     let db = cfg.db_path();
     let conn = store::open(&db).map_err(|e| format!("{}: {e}", db.display()))?;
@@ -721,6 +727,7 @@ fn run_in_dir(
         did_cache_hits: hits,
         did_cache_misses: misses,
         fast_path: !args.no_fast_path,
+        batch_verify: !args.no_batch_verify,
         key_cache_hits: key_hits,
         key_cache_misses: key_misses,
         rss_before_kb,
@@ -1400,12 +1407,13 @@ pub fn render_table(r: &BenchReport) -> String {
             (
                 "  DID cache".into(),
                 format!(
-                    "{} hits, {} misses; parsed keys {} hits, {} misses (fast path {})",
+                    "{} hits, {} misses; parsed keys {} hits, {} misses (fast path {}, batch verification {})",
                     p.did_cache_hits,
                     p.did_cache_misses,
                     p.key_cache_hits,
                     p.key_cache_misses,
-                    if p.fast_path { "on" } else { "off" }
+                    if p.fast_path { "on" } else { "off" },
+                    if p.batch_verify { "on" } else { "off" }
                 ),
             ),
             (
@@ -1624,6 +1632,7 @@ mod tests {
             linger_ms: 2.0,
             queue: 8,
             no_fast_path: false,
+            no_batch_verify: false,
             bare_limit: 10,
             broker: None,
             connections: 1,

@@ -17,7 +17,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, Device, Route, Senders};
+use crate::config::{Config, Device, Require, Route, Senders};
 use crate::mapping::{map_payload, MapInput, MapLimits, TopicPattern};
 use crate::store::{self, Commit, CommitResult, Sink};
 use crate::verify::{Code, Rejection, Verdict, Verifier};
@@ -464,39 +464,71 @@ impl Shared {
 
     /// Verifies and maps one message (runs on a worker thread).
     pub fn process(&self, m: Inbound) -> Work {
-        let span = tracing::debug_span!("msg", seq = m.seq, topic = %m.topic);
-        let _g = span.enter();
+        let mut work = self.process_batch(vec![m]);
+        work.pop().expect("one message in, one out")
+    }
+
+    /// Verifies and maps messages taken together off the queue (runs on a worker thread): one
+    /// `Work` per message, in any order (settling follows `seq`). Their signatures are checked
+    /// in one batch where possible ([`Verifier::verify_many`]).
+    pub fn process_batch(&self, batch: Vec<Inbound>) -> Vec<Work> {
         let routing = self.routing();
-        if routing.is_report_topic(&m.topic) {
+        let mut out = Vec::with_capacity(batch.len());
+        let mut routed = Vec::with_capacity(batch.len());
+        for m in batch {
+            let span = tracing::debug_span!("msg", seq = m.seq, topic = %m.topic);
+            let _g = span.enter();
+            let ignored = if routing.is_report_topic(&m.topic) {
+                "ignored: the hub's own report topic"
+            } else if let Some(route) = routing.route_for(&m.topic) {
+                routed.push((m, route));
+                continue;
+            } else {
+                "ignored: no route matches"
+            };
             self.stats.ignored.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("ignored: the hub's own report topic");
-            return Work::Done(Settled {
+            tracing::debug!("{ignored}");
+            out.push(Work::Done(Settled {
                 seq: m.seq,
                 ack: m.ack,
                 report: None,
-            });
+            }));
         }
-        let Some(route) = routing.route_for(&m.topic) else {
-            self.stats.ignored.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("ignored: no route matches");
-            return Work::Done(Settled {
-                seq: m.seq,
-                ack: m.ack,
-                report: None,
-            });
-        };
+        if routed.is_empty() {
+            return out;
+        }
         let started = Instant::now();
-        let verdict = futures::executor::block_on(self.verifier.verify(
-            &m.payload,
-            route.route.require,
-            now_secs(),
-        ));
+        let items: Vec<(&[u8], Require)> = routed
+            .iter()
+            .map(|(m, route)| (&m.payload[..], route.route.require))
+            .collect();
+        let verdicts = futures::executor::block_on(self.verifier.verify_many(&items, now_secs()));
+        drop(items);
         let took = started.elapsed();
+        let each = took / routed.len() as u32;
         self.stats
             .verify_nanos
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
-        self.stats.verify_seconds.observe(took);
-        self.stats.verify_count.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .verify_count
+            .fetch_add(routed.len() as u64, Ordering::Relaxed);
+        for ((m, route), verdict) in routed.into_iter().zip(verdicts) {
+            self.stats.verify_seconds.observe(each);
+            let span = tracing::debug_span!("msg", seq = m.seq, topic = %m.topic);
+            let _g = span.enter();
+            out.push(self.settle(&routing, route, m, verdict));
+        }
+        out
+    }
+
+    /// What becomes of one message once verified: a report, or points to commit.
+    fn settle(
+        &self,
+        routing: &Routing,
+        route: &CompiledRoute,
+        m: Inbound,
+        verdict: Verdict,
+    ) -> Work {
         let report_topic = |sender: Option<&str>| {
             m.response_topic
                 .clone()
@@ -654,6 +686,11 @@ impl Shared {
     }
 }
 
+/// The most messages a verify worker takes off the queue at once. Ed25519 batch verification
+/// measured here: 38 µs a signature alone, 25 µs in batches of 4, 18–19 µs in batches of 16
+/// to 64; larger batches would leave the other workers idle while one works through them.
+pub const VERIFY_BATCH: usize = 32;
+
 /// Starts `n` verify workers reading `rx` and writing `tx`.
 pub fn spawn_workers(
     n: usize,
@@ -667,9 +704,17 @@ pub fn spawn_workers(
             std::thread::Builder::new()
                 .name(format!("verify-{i}"))
                 .spawn(move || {
-                    for m in rx.iter() {
-                        if tx.send(shared.process(m)).is_err() {
-                            break;
+                    // Whatever is queued, up to VERIFY_BATCH, is verified together: under load
+                    // the signatures are checked in batches, an idle hub still verifies each
+                    // message as it comes.
+                    let mut batch = Vec::with_capacity(VERIFY_BATCH);
+                    while let Ok(first) = rx.recv() {
+                        batch.push(first);
+                        batch.extend(rx.try_iter().take(VERIFY_BATCH - 1));
+                        for w in shared.process_batch(std::mem::take(&mut batch)) {
+                            if tx.send(w).is_err() {
+                                return;
+                            }
                         }
                     }
                 })
