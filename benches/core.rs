@@ -13,7 +13,7 @@ use didhub::bench::payload;
 use didhub::config::Require;
 use didhub::did::{DidMethod, Identity, LocalResolver};
 use didhub::mapping::{map_payload, MapInput, MapLimits, TimestampFormat};
-use didhub::store::{self, Commit, Sink};
+use didhub::store::{self, Commit, Row, Sink};
 use didhub::verify::{self, Code, Envelope, Rejection, Verdict, Verifier, VerifyLimits};
 
 fn now_secs() -> u64 {
@@ -165,7 +165,7 @@ fn commit(c: &mut Criterion) {
     };
     let point = map_payload(&p, &input).unwrap();
     let next = AtomicU64::new(0);
-    let batch = || -> Vec<Commit> {
+    let batch = |sink: Sink| -> Vec<Commit> {
         (0..100)
             .map(|_| {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -174,20 +174,31 @@ fn commit(c: &mut Criterion) {
                     msg_id: format!("bench-{i:012}"),
                     hash: [7; 32],
                     received_ns: 1_700_000_000_000_000_000 + i as i64,
-                    points: vec![point.clone()],
+                    rows: vec![Row::encode(point.clone(), sink).unwrap()],
                 }
             })
             .collect()
     };
     let mut g = c.benchmark_group("commit");
+    // What the verify workers do before the committer (tags and fields to JSON, or a line).
+    g.throughput(Throughput::Elements(1));
+    for (name, sink) in [("embedded", Sink::Embedded), ("outbox", Sink::Outbox)] {
+        g.bench_function(format!("encode_row/{name}"), |b| {
+            b.iter_batched(
+                || point.clone(),
+                |p| Row::encode(p, sink).unwrap(),
+                BatchSize::SmallInput,
+            )
+        });
+    }
     g.throughput(Throughput::Elements(100));
     for (name, sink) in [("embedded", Sink::Embedded), ("outbox", Sink::Outbox)] {
         g.bench_function(format!("commit_batch_100/{name}"), |b| {
             b.iter_batched(
-                batch,
+                || batch(sink),
                 |commits| {
                     let refs: Vec<&Commit> = commits.iter().collect();
-                    store::commit_batch(&mut conn, sink, &refs).unwrap()
+                    store::commit_batch(&mut conn, &refs).unwrap()
                 },
                 BatchSize::SmallInput,
             )

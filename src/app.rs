@@ -122,10 +122,7 @@ pub async fn run_with(
         })
     };
     let conn = open(&db)?;
-    let sink = match cfg.store.kind {
-        StoreKind::Embedded => Sink::Embedded,
-        StoreKind::Influxdb => Sink::Outbox,
-    };
+    let sink = cfg.store.kind.sink();
 
     let shared = Arc::new(Shared::from_config(&cfg, identity, stats.clone()));
     let subscriptions: mqtt::Subscriptions = Arc::new(Mutex::new(shared.routing().subscriptions()));

@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use crate::config::{Config, Require};
 use crate::did::{DidMethod, Identity, LocalResolver, StaticSecrets};
 use crate::pipeline::{self, Committer, Inbound, Shared, Stats};
-use crate::store::{self, Sink};
+use crate::store;
 use crate::verify::{self, Envelope};
 
 /// Linux reports `utime`/`stime` in `USER_HZ` ticks, 100 on every mainstream architecture.
@@ -610,7 +610,7 @@ fn run_in_dir(
     let (settled_tx, settled_rx) = flume::bounded(8);
     let committer = Committer {
         conn,
-        sink: Sink::Embedded,
+        sink: shared.sink,
         max_batch: cfg.store.max_batch,
         linger: Duration::from_secs_f64(args.linger_ms.max(0.0) / 1e3),
         replay_window_ns: i64::MAX,

@@ -628,6 +628,16 @@ pub enum StoreKind {
     Influxdb,
 }
 
+impl StoreKind {
+    /// Where committed points go for this kind of store.
+    pub fn sink(self) -> crate::store::Sink {
+        match self {
+            StoreKind::Embedded => crate::store::Sink::Embedded,
+            StoreKind::Influxdb => crate::store::Sink::Outbox,
+        }
+    }
+}
+
 /// `[store]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

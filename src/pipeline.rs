@@ -337,6 +337,8 @@ pub fn template_matches(template: &str, topic: &str) -> bool {
         match pieces.split_first() {
             None => s.is_empty(),
             Some((Piece::Lit(l), more)) => s.strip_prefix(l).is_some_and(|r| go(more, r)),
+            // The usual `{topic}/problem-report`: one suffix test instead of every split.
+            Some((Piece::Any, [Piece::Lit(l)])) => s.len() > l.len() && s.ends_with(l),
             Some((Piece::Any, more)) => (1..=s.len())
                 .filter(|i| s.is_char_boundary(*i))
                 .any(|i| go(more, &s[i..])),
@@ -376,6 +378,8 @@ pub struct Shared {
     pub report_unparseable: bool,
     /// `escalate_to` for reports.
     pub escalate_to: Option<String>,
+    /// Where points go (the workers encode them for it).
+    pub sink: Sink,
 }
 
 /// What a worker hands the committer.
@@ -389,8 +393,9 @@ pub enum Work {
         ack: Option<rumqttc::Publish>,
         /// The commit.
         commit: Commit,
-        /// For a report if the commit finds a replay.
-        rejection_if_replay: Rejection,
+        /// The message's thread id, for a report if the commit finds a replay
+        /// ([`Work::replay_rejection`]).
+        thid: String,
         /// Where that report would go.
         report_topic: String,
         /// MQTT 5 Correlation Data for that report.
@@ -402,6 +407,15 @@ pub enum Work {
     Internal(crate::mapping::Point),
     /// Makes the committer turn once when idle, so its heartbeat advances (systemd watchdog).
     Heartbeat,
+}
+
+impl Work {
+    /// For a `Work::Store` the commit found to reuse an id for different bytes: the rejection
+    /// its report is made of (built only then; most messages never need one).
+    pub fn replay_rejection(commit: &Commit, thid: &str) -> Rejection {
+        let sender = Some(commit.sender.as_str()).filter(|s| !s.is_empty());
+        Rejection::replayed_id(&commit.msg_id, thid, sender)
+    }
 }
 
 fn now_secs() -> u64 {
@@ -444,6 +458,7 @@ impl Shared {
             reports_enabled: cfg.reports.enabled,
             report_unparseable: cfg.reports.report_unparseable,
             escalate_to: cfg.reports.escalate_to.clone(),
+            sink: cfg.store.kind.sink(),
         }
     }
 
@@ -604,9 +619,12 @@ impl Shared {
             received_ns: m.received_ns,
             limits: self.map_limits,
         };
-        match map_payload(&accepted.payload, &input) {
+        let row = map_payload(&accepted.payload, &input)
+            .map_err(|e| e.to_string())
+            .and_then(|point| store::Row::encode(point, self.sink).map_err(|e| e.to_string()));
+        match row {
             Err(e) => {
-                let r = Rejection::of_accepted(&accepted, Code::RejectPost, vec![e.to_string()]);
+                let r = Rejection::of_accepted(&accepted, Code::RejectPost, vec![e]);
                 let report = self
                     .reject(&r, report_topic(r.sender.as_deref()), &route.name)
                     .map(|r| r.with_correlation_data(m.correlation_data.clone()));
@@ -616,16 +634,8 @@ impl Shared {
                     report,
                 })
             }
-            Ok(point) => {
+            Ok(row) => {
                 let hash: [u8; 32] = Sha256::digest(&m.payload).into();
-                let rejection_if_replay = Rejection::of_accepted(
-                    &accepted,
-                    Code::RejectPost,
-                    vec![format!(
-                        "message id {} was already used for a different message",
-                        accepted.id
-                    )],
-                );
                 Work::Store {
                     seq: m.seq,
                     ack: m.ack,
@@ -636,9 +646,9 @@ impl Shared {
                         msg_id: accepted.id.clone(),
                         hash,
                         received_ns: m.received_ns,
-                        points: vec![point],
+                        rows: vec![row],
                     },
-                    rejection_if_replay,
+                    thid: accepted.thid.clone(),
                 }
             }
         }
@@ -795,7 +805,7 @@ impl Committer {
         // A commit failure (disk full, I/O error) is retried: nothing is acked meanwhile.
         let mut attempt = 0u32;
         loop {
-            match store::commit_batch(&mut self.conn, self.sink, commits) {
+            match store::commit_batch(&mut self.conn, commits) {
                 Ok(r) => return Some(r),
                 Err(e) => {
                     attempt += 1;
@@ -893,7 +903,7 @@ impl Committer {
                         seq,
                         ack,
                         commit,
-                        rejection_if_replay,
+                        thid,
                         report_topic,
                         correlation_data,
                     } => {
@@ -902,7 +912,7 @@ impl Committer {
                                 stats.accepted.fetch_add(1, Ordering::Relaxed);
                                 stats
                                     .points
-                                    .fetch_add(commit.points.len() as u64, Ordering::Relaxed);
+                                    .fetch_add(commit.rows.len() as u64, Ordering::Relaxed);
                                 None
                             }
                             Some(CommitResult::Duplicate) => {
@@ -912,7 +922,11 @@ impl Committer {
                             }
                             Some(CommitResult::ReplayMismatch) | None => self
                                 .shared
-                                .reject(&rejection_if_replay, report_topic, "store")
+                                .reject(
+                                    &Work::replay_rejection(&commit, &thid),
+                                    report_topic,
+                                    "store",
+                                )
                                 .map(|r| r.with_correlation_data(correlation_data)),
                         };
                         Settled { seq, ack, report }

@@ -43,8 +43,42 @@ pub struct Commit {
     pub hash: [u8; 32],
     /// Receive time (ns), kept with the row.
     pub received_ns: i64,
-    /// The points.
-    pub points: Vec<Point>,
+    /// The points, encoded for their table.
+    pub rows: Vec<Row>,
+}
+
+/// A point encoded for its table. The verify workers encode (in parallel), so the committer,
+/// the one serial stage, only inserts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Row {
+    /// A `points` row (embedded store): tags and fields as JSON objects.
+    Point {
+        /// Measurement name.
+        measurement: String,
+        /// Nanoseconds since the Unix epoch.
+        ts_ns: i64,
+        /// Tags, a JSON object.
+        tags: String,
+        /// Fields, a JSON object.
+        fields: String,
+    },
+    /// An `outbox` row: the point in line protocol.
+    Line(String),
+}
+
+impl Row {
+    /// Encodes `p` for `sink`.
+    pub fn encode(p: Point, sink: Sink) -> Result<Row, StoreError> {
+        Ok(match sink {
+            Sink::Embedded => Row::Point {
+                tags: serde_json::to_string(&p.tags)?,
+                fields: serde_json::to_string(&p.fields)?,
+                measurement: p.measurement,
+                ts_ns: p.timestamp_ns,
+            },
+            Sink::Outbox => Row::Line(p.to_line()),
+        })
+    }
 }
 
 /// What happened to one message in a commit.
@@ -74,7 +108,7 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
          ) WITHOUT ROWID;
          CREATE INDEX IF NOT EXISTS seen_age ON seen(received_ns);
          CREATE TABLE IF NOT EXISTS points (
-             seq INTEGER PRIMARY KEY AUTOINCREMENT,
+             seq INTEGER PRIMARY KEY,
              measurement TEXT NOT NULL,
              ts_ns INTEGER NOT NULL,
              tags TEXT NOT NULL,
@@ -204,11 +238,7 @@ pub struct Committed {
 }
 
 /// Commits a batch in one transaction.
-pub fn commit_batch(
-    conn: &mut Connection,
-    sink: Sink,
-    batch: &[&Commit],
-) -> Result<Committed, StoreError> {
+pub fn commit_batch(conn: &mut Connection, batch: &[&Commit]) -> Result<Committed, StoreError> {
     let tx = conn.transaction()?;
     let mut results = Vec::with_capacity(batch.len());
     let (mut outbox_rows, mut outbox_bytes) = (0i64, 0i64);
@@ -236,19 +266,17 @@ pub fn commit_batch(
                 });
                 continue;
             }
-            for p in &c.points {
-                match sink {
-                    Sink::Embedded => {
-                        point.execute(params![
-                            p.measurement,
-                            p.timestamp_ns,
-                            serde_json::to_string(&p.tags)?,
-                            serde_json::to_string(&p.fields)?,
-                            c.msg_id,
-                        ])?;
+            for row in &c.rows {
+                match row {
+                    Row::Point {
+                        measurement,
+                        ts_ns,
+                        tags,
+                        fields,
+                    } => {
+                        point.execute(params![measurement, ts_ns, tags, fields, c.msg_id])?;
                     }
-                    Sink::Outbox => {
-                        let line = p.to_line();
+                    Row::Line(line) => {
                         outbox_rows += 1;
                         outbox_bytes += line.len() as i64;
                         outbox.execute(params![line])?;
@@ -429,7 +457,7 @@ mod tests {
     use super::*;
     use crate::mapping::FieldValue;
 
-    fn commit(id: &str, hash: u8) -> Commit {
+    fn commit(id: &str, hash: u8, sink: Sink) -> Commit {
         let mut fields = std::collections::BTreeMap::new();
         fields.insert("v".to_string(), FieldValue::Float(1.0));
         Commit {
@@ -437,12 +465,16 @@ mod tests {
             msg_id: id.into(),
             hash: [hash; 32],
             received_ns: 10,
-            points: vec![Point {
-                measurement: "m".into(),
-                tags: Default::default(),
-                fields,
-                timestamp_ns: 10,
-            }],
+            rows: vec![Row::encode(
+                Point {
+                    measurement: "m".into(),
+                    tags: Default::default(),
+                    fields,
+                    timestamp_ns: 10,
+                },
+                sink,
+            )
+            .unwrap()],
         }
     }
 
@@ -451,12 +483,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = open(&dir.path().join("t.db")).unwrap();
         let (a, b, a2, a3) = (
-            commit("a", 1),
-            commit("b", 1),
-            commit("a", 1),
-            commit("a", 2),
+            commit("a", 1, Sink::Embedded),
+            commit("b", 1, Sink::Embedded),
+            commit("a", 1, Sink::Embedded),
+            commit("a", 2, Sink::Embedded),
         );
-        let r = commit_batch(&mut c, Sink::Embedded, &[&a, &b, &a2]).unwrap();
+        let r = commit_batch(&mut c, &[&a, &b, &a2]).unwrap();
         assert_eq!(
             r.results,
             vec![
@@ -465,7 +497,7 @@ mod tests {
                 CommitResult::Duplicate
             ]
         );
-        let r = commit_batch(&mut c, Sink::Embedded, &[&a3]).unwrap();
+        let r = commit_batch(&mut c, &[&a3]).unwrap();
         assert_eq!(r.results, vec![CommitResult::ReplayMismatch]);
         assert_eq!(query_points(&c, Some("m"), 0, 100).unwrap().len(), 2);
         assert_eq!(expire_seen(&c, 11).unwrap(), 2);
@@ -475,7 +507,11 @@ mod tests {
     fn outbox_rows_leave_only_when_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = open(&dir.path().join("t.db")).unwrap();
-        let done = commit_batch(&mut c, Sink::Outbox, &[&commit("a", 1), &commit("b", 1)]).unwrap();
+        let done = commit_batch(
+            &mut c,
+            &[&commit("a", 1, Sink::Outbox), &commit("b", 1, Sink::Outbox)],
+        )
+        .unwrap();
         assert_eq!((done.outbox_rows, done.outbox_bytes), (2, 20));
         assert_eq!(outbox_size(&c).unwrap(), (2, 20));
         let rows = outbox_batch(&c, 10).unwrap();
@@ -499,10 +535,12 @@ mod tests {
             .unwrap();
         assert_eq!(auto, 0);
         let before = std::fs::metadata(&db).unwrap().len();
-        let commits: Vec<Commit> = (0..2000).map(|i| commit(&format!("id-{i}"), 1)).collect();
+        let commits: Vec<Commit> = (0..2000)
+            .map(|i| commit(&format!("id-{i}"), 1, Sink::Embedded))
+            .collect();
         for chunk in commits.chunks(100) {
             let refs: Vec<&Commit> = chunk.iter().collect();
-            commit_batch(&mut c, Sink::Embedded, &refs).unwrap();
+            commit_batch(&mut c, &refs).unwrap();
             checkpointer.committed();
         }
         // Wait (up to 20 s, normally one 50 ms period) for the pages to reach the file.

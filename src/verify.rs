@@ -237,6 +237,21 @@ impl Rejection {
         }
     }
 
+    /// A rejection of a message whose id its sender already used for a different message
+    /// (found by the store at commit time; `sender` is the verified sender, if any).
+    pub fn replayed_id(id: &str, thid: &str, sender: Option<&str>) -> Self {
+        Rejection {
+            code: Code::RejectPost,
+            args: vec![clip(&format!(
+                "message id {id} was already used for a different message"
+            ))],
+            id: Some(id.to_string()),
+            thid: Some(thid.to_string()),
+            sender: sender.map(str::to_string),
+            sender_verified: sender.is_some(),
+        }
+    }
+
     /// The comment with its placeholders filled.
     pub fn comment(&self) -> String {
         let mut c = self.code.comment().to_string();

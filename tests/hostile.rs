@@ -25,7 +25,7 @@ use bytes::Bytes;
 use didhub::config::Config;
 use didhub::did::{DidMethod, Identity};
 use didhub::pipeline::{Inbound, Settled, Shared, Stats, Work};
-use didhub::store::{self, CommitResult, Sink};
+use didhub::store::{self, CommitResult};
 use didhub::verify::{
     pack_message, pack_post, unpack_report, Code, Envelope, POST_TYPE, REPORT_TYPE,
 };
@@ -1086,10 +1086,13 @@ fn stored(name: &str, w: Work) -> (store::Commit, didhub::verify::Rejection, Str
     match w {
         Work::Store {
             commit,
-            rejection_if_replay,
+            thid,
             report_topic,
             ..
-        } => (commit, rejection_if_replay, report_topic),
+        } => {
+            let rejection = Work::replay_rejection(&commit, &thid);
+            (commit, rejection, report_topic)
+        }
         other => panic!("{name}: expected Work::Store, got: {}", describe(&other)),
     }
 }
@@ -1136,9 +1139,7 @@ fn replayed_id_with_different_content_is_caught_by_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let mut conn = store::open(&dir.path().join("hub.db")).unwrap();
     let commit = |conn: &mut rusqlite::Connection, c: &store::Commit| {
-        store::commit_batch(conn, Sink::Embedded, &[c])
-            .unwrap()
-            .results
+        store::commit_batch(conn, &[c]).unwrap().results
     };
     assert_eq!(commit(&mut conn, &c1), vec![CommitResult::Stored]);
     assert_eq!(commit(&mut conn, &c2), vec![CommitResult::ReplayMismatch]);
@@ -1148,7 +1149,7 @@ fn replayed_id_with_different_content_is_caught_by_the_store() {
     // All in one batch, on a fresh store: the same answers.
     let mut conn2 = store::open(&dir.path().join("hub2.db")).unwrap();
     assert_eq!(
-        store::commit_batch(&mut conn2, Sink::Embedded, &[&c1, &c2, &c3, &c4])
+        store::commit_batch(&mut conn2, &[&c1, &c2, &c3, &c4])
             .unwrap()
             .results,
         vec![
@@ -1161,6 +1162,21 @@ fn replayed_id_with_different_content_is_caught_by_the_store() {
 
     // The replay's report: reject-post, linked to the id, encrypted to the verified sender.
     assert_eq!(rej.code, Code::RejectPost);
+    assert!(
+        rej.comment().contains(&format!(
+            "message id {id} was already used for a different message"
+        )),
+        "{}",
+        rej.comment()
+    );
+    assert_eq!(
+        (
+            rej.sender.as_deref(),
+            rej.sender_verified,
+            rej.id.as_deref()
+        ),
+        (Some(fx.a.did.as_str()), true, Some(id.as_str()))
+    );
     assert_eq!(report_topic, format!("{AUTH}/problem-report"));
     let before = fx.shared.stats.rejected_of(Code::RejectPost);
     let report = fx

@@ -176,7 +176,7 @@ fn check(f: &Fixture, topic: &str, payload: &[u8]) -> Result<(), TestCaseError> 
             ..
         } => {
             prop_assert_eq!(seq, 7);
-            prop_assert!(!commit.points.is_empty());
+            prop_assert!(!commit.rows.is_empty());
             prop_assert!(report_topic.ends_with("/problem-report"));
             if commit.sender.is_empty() {
                 prop_assert!(

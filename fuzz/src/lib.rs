@@ -66,8 +66,9 @@ pub fn shared_slow() -> Shared {
 }
 
 /// Differential check of the fast paths (signed, authcrypt and, under `require = "any"`,
-/// plaintext): for any payload, the verdict with the fast paths on (`fast`) must be the same
-/// as with them off (`slow`, see [`shared_slow`]), under every requirement. Panics (= a
+/// plaintext): for any payload, the verdict with the fast paths on (`fast`), alone and in a
+/// batch (`Verifier::verify_many`), must be the same as with them off (`slow`, see
+/// [`shared_slow`]), under every requirement. Panics (= a
 /// finding) on a difference.
 pub fn check_fast_path(fast: &Shared, slow: &Shared, data: &[u8]) {
     let (_, _, payload) = split_input(data);
@@ -83,7 +84,19 @@ pub fn check_fast_path(fast: &Shared, slow: &Shared, data: &[u8]) {
         let a = futures::executor::block_on(fast.verifier.verify(payload, require, now));
         let b = futures::executor::block_on(slow.verifier.verify(payload, require, now));
         let (a, b) = (format!("{a:?}"), format!("{b:?}"));
-        assert_eq!(a, b, "fast path verdict differs from didcomm's ({require:?})");
+        assert_eq!(
+            a, b,
+            "fast path verdict differs from didcomm's ({require:?})"
+        );
+        // Twice in one `verify_many`: a signed input is then checked in a batch of two.
+        let items = [(payload, require), (payload, require)];
+        for v in futures::executor::block_on(fast.verifier.verify_many(&items, now)) {
+            assert_eq!(
+                format!("{v:?}"),
+                b,
+                "batched verdict differs from didcomm's ({require:?})"
+            );
+        }
     }
 }
 
@@ -156,7 +169,7 @@ pub fn run_one(shared: &Shared, registered_did: &str, data: &[u8]) {
             report_topic,
             ..
         } => {
-            assert!(!commit.points.is_empty(), "a Store without points");
+            assert!(!commit.rows.is_empty(), "a Store without points");
             assert!(!report_topic.is_empty());
             let authenticated_route = !matches!(
                 topic.as_str(),
