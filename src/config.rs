@@ -838,8 +838,15 @@ pub struct PipelineConfig {
     /// How long a stop may take before the hub exits anyway.
     #[serde(default = "default_shutdown", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Check the Ed25519 signatures of messages verified together in one batch
+    /// (`Verifier::verify_many`); `false`: each alone.
+    #[serde(default = "default_batch_verify")]
+    pub batch_verify: bool,
 }
 
+fn default_batch_verify() -> bool {
+    true
+}
 fn default_queue() -> usize {
     1024
 }
@@ -853,6 +860,7 @@ impl Default for PipelineConfig {
             workers: 0,
             queue: default_queue(),
             shutdown_timeout: default_shutdown(),
+            batch_verify: default_batch_verify(),
         }
     }
 }

@@ -428,7 +428,7 @@ fn now_secs() -> u64 {
 impl Shared {
     /// Everything the workers need, from config and the hub identity.
     pub fn from_config(cfg: &Config, hub: crate::did::Identity, stats: Arc<Stats>) -> Shared {
-        let verifier = Verifier::new(
+        let mut verifier = Verifier::new(
             hub,
             // `limits.did_document_cache` / `signer_key_cache`: with the defaults (4 096 and
             // 131 072) a hub with 100 000 signing devices peaked at 100 MB (BENCHMARKS.md).
@@ -441,6 +441,7 @@ impl Shared {
                 clock_skew_secs: cfg.limits.clock_skew.as_secs(),
             },
         );
+        verifier.set_batch_verify(cfg.pipeline.batch_verify);
         Shared {
             verifier,
             routing: RwLock::new(Arc::new(Routing::new(cfg))),
@@ -952,7 +953,7 @@ impl Committer {
                 }
             }
             if let Some(c) = checkpointer.as_ref().filter(|_| wrote) {
-                c.committed();
+                c.committed(&self.conn);
             }
         }
         Ok(())
