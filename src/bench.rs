@@ -503,7 +503,7 @@ pub struct InProcessReport {
     pub did_cache_misses: u64,
     /// Whether the fast paths were on.
     pub fast_path: bool,
-    /// Whether signatures were checked in batches.
+    /// Whether signatures were checked in batches (the fast paths on, batching not turned off).
     pub batch_verify: bool,
     /// Parsed-key cache hits (the signed and authcrypt fast paths).
     pub key_cache_hits: u64,
@@ -727,7 +727,8 @@ fn run_in_dir(
         did_cache_hits: hits,
         did_cache_misses: misses,
         fast_path: !args.no_fast_path,
-        batch_verify: !args.no_batch_verify,
+        // Only the signed fast path batches.
+        batch_verify: !args.no_batch_verify && !args.no_fast_path,
         key_cache_hits: key_hits,
         key_cache_misses: key_misses,
         rss_before_kb,

@@ -1359,6 +1359,9 @@ mod tests {
         assert_eq!(c.routes[0].measurement, "post");
         assert_eq!(c.limits.max_message_bytes, 65536);
         assert!(!c.mqtt.clean_session);
+        assert!(c.pipeline.batch_verify);
+        let c = parse(&format!("{MIN}[pipeline]\nbatch_verify = false\n")).unwrap();
+        assert!(!c.pipeline.batch_verify);
     }
 
     #[test]
