@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
-use crate::config::{parse_broker_url, Config, MqttConfig, Secret, TlsConfig};
+use crate::config::{parse_broker_url, Config, MqttConfig, MqttProtocol, Secret, TlsConfig};
 use crate::did::Identity;
 use crate::mapping::{FieldValue, Point};
 use crate::store;
@@ -45,6 +45,75 @@ pub struct SendPlan {
     /// Give up when the broker makes no progress for this long (see [`send_with`]; the CLI's
     /// default, 60 s, was the acknowledgement wait before there was a flag).
     pub timeout: Duration,
+    /// The MQTT version to speak.
+    pub protocol: MqttProtocol,
+    /// MQTT 5: the Response Topic of every publish (the hub sends its problem reports there),
+    /// with the post's message id as Correlation Data.
+    pub response_topic: Option<String>,
+}
+
+/// `send`'s client, whichever protocol it speaks.
+enum SendClient {
+    V4(AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+impl SendClient {
+    /// Publishes `payload`; with MQTT 5 and a `response`, that Response Topic and `id` as the
+    /// Correlation Data.
+    async fn publish(
+        &self,
+        topic: &str,
+        qos: QoS,
+        payload: Vec<u8>,
+        response: Option<(&str, &str)>,
+    ) -> Result<(), String> {
+        match self {
+            SendClient::V4(c) => c
+                .publish(topic, qos, false, payload)
+                .await
+                .map_err(|e| e.to_string()),
+            SendClient::V5(c) => {
+                use rumqttc::v5::mqttbytes::{v5::PublishProperties, QoS as QoS5};
+                let qos = if qos == QoS::AtMostOnce {
+                    QoS5::AtMostOnce
+                } else {
+                    QoS5::AtLeastOnce
+                };
+                let r = match response {
+                    Some((rt, id)) => {
+                        let props = PublishProperties {
+                            response_topic: Some(rt.to_string()),
+                            correlation_data: Some(bytes::Bytes::copy_from_slice(id.as_bytes())),
+                            ..Default::default()
+                        };
+                        c.publish_with_properties(topic, qos, false, payload, props)
+                            .await
+                    }
+                    None => c.publish(topic, qos, false, payload).await,
+                };
+                r.map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    async fn disconnect(&self) {
+        // With QoS 0 and the broker gone the request queue may be full: do not wait for room.
+        let wait = Duration::from_secs(2);
+        let _ = match self {
+            SendClient::V4(c) => tokio::time::timeout(wait, c.disconnect()).await.map(|_| ()),
+            SendClient::V5(c) => tokio::time::timeout(wait, c.disconnect()).await.map(|_| ()),
+        };
+    }
+}
+
+/// What `send`'s event loop saw.
+enum SendEvent {
+    Connected,
+    Acked,
+    Disconnected,
+    Failed(String),
+    Other,
 }
 
 /// How `send` authenticates to the broker and secures the connection (`mqtts://` URLs).
@@ -160,39 +229,73 @@ pub async fn send_with(plan: SendPlan, conn: &Connection) -> Result<SendSummary,
         "didhub-send-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     );
-    let mut opts = MqttOptions::new(client_id, host, port);
-    opts.set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(true)
-        .set_inflight(200)
-        .set_max_packet_size(256 * 1024 * 1024, 256 * 1024 * 1024)
-        .set_transport(transport);
-    if let Some(user) = &conn.username {
-        opts.set_credentials(
-            user.clone(),
-            conn.password
-                .as_ref()
-                .map(|p| p.expose().to_string())
-                .unwrap_or_default(),
-        );
-    }
-    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+    let credentials = conn.username.as_ref().map(|user| {
+        let password = conn.password.as_ref().map(|p| p.expose().to_string());
+        (user.clone(), password.unwrap_or_default())
+    });
+    let (client, mut eventloop) = match plan.protocol {
+        MqttProtocol::V311 => {
+            let mut opts = MqttOptions::new(client_id, host, port);
+            opts.set_keep_alive(Duration::from_secs(30))
+                .set_clean_session(true)
+                .set_inflight(200)
+                .set_max_packet_size(256 * 1024 * 1024, 256 * 1024 * 1024)
+                .set_transport(transport);
+            if let Some((user, password)) = credentials {
+                opts.set_credentials(user, password);
+            }
+            let (c, e) = AsyncClient::new(opts, 1000);
+            (SendClient::V4(c), crate::mqtt::EventLoop::V4(Box::new(e)))
+        }
+        MqttProtocol::V5 => {
+            let mut opts = rumqttc::v5::MqttOptions::new(client_id, host, port);
+            opts.set_keep_alive(Duration::from_secs(30))
+                .set_clean_start(true)
+                .set_outgoing_inflight_upper_limit(200)
+                .set_max_packet_size(Some(256 * 1024 * 1024))
+                .set_transport(transport);
+            if let Some((user, password)) = credentials {
+                opts.set_credentials(user, password);
+            }
+            let (c, e) = rumqttc::v5::AsyncClient::new(opts, 1000);
+            (SendClient::V5(c), crate::mqtt::EventLoop::V5(Box::new(e)))
+        }
+    };
     let broker = plan.broker.clone();
     let acked = Arc::new(AtomicU64::new(0));
     let (conn_tx, mut conn_rx) = tokio::sync::watch::channel(None::<Result<(), String>>);
     let acked2 = acked.clone();
     let poll = tokio::spawn(async move {
         loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            let event = match &mut eventloop {
+                crate::mqtt::EventLoop::V4(el) => match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => SendEvent::Connected,
+                    Ok(Event::Incoming(Packet::PubAck(_))) => SendEvent::Acked,
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => SendEvent::Disconnected,
+                    Ok(_) => SendEvent::Other,
+                    Err(e) => SendEvent::Failed(crate::mqtt::classify_v4(&e).describe(&broker)),
+                },
+                crate::mqtt::EventLoop::V5(el) => {
+                    use rumqttc::v5::{mqttbytes::v5::Packet as P5, Event as E5};
+                    match el.poll().await {
+                        Ok(E5::Incoming(P5::ConnAck(_))) => SendEvent::Connected,
+                        Ok(E5::Incoming(P5::PubAck(_))) => SendEvent::Acked,
+                        Ok(E5::Outgoing(rumqttc::Outgoing::Disconnect)) => SendEvent::Disconnected,
+                        Ok(_) => SendEvent::Other,
+                        Err(e) => SendEvent::Failed(crate::mqtt::classify_v5(&e).describe(&broker)),
+                    }
+                }
+            };
+            match event {
+                SendEvent::Connected => {
                     let _ = conn_tx.send(Some(Ok(())));
                 }
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                SendEvent::Acked => {
                     acked2.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-                Ok(_) => {}
-                Err(e) => {
-                    let why = crate::mqtt::classify_v4(&e).describe(&broker);
+                SendEvent::Disconnected => return,
+                SendEvent::Other => {}
+                SendEvent::Failed(why) => {
                     let _ = conn_tx.send(Some(Err(why)));
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
@@ -282,9 +385,10 @@ pub async fn send_with(plan: SendPlan, conn: &Connection) -> Result<SendSummary,
         let id = uuid::Uuid::new_v4().to_string();
         let packed = pack_post(&plan.device, &plan.to, &id, payload, plan.mode, now_secs()).await?;
         // The request queue is bounded: while the broker is away it fills and publish waits.
+        let response = plan.response_topic.as_deref().map(|t| (t, id.as_str()));
         match tokio::time::timeout(
             plan.timeout,
-            client.publish(plan.topic.clone(), qos, false, packed.into_bytes()),
+            client.publish(&plan.topic, qos, packed.into_bytes(), response),
         )
         .await
         {
@@ -321,8 +425,7 @@ pub async fn send_with(plan: SendPlan, conn: &Connection) -> Result<SendSummary,
         }
     }
     let elapsed = start.elapsed();
-    // With QoS 0 and the broker gone the request queue may be full: do not wait for room.
-    let _ = tokio::time::timeout(Duration::from_secs(2), client.disconnect()).await;
+    client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), poll).await;
     let summary = SendSummary {
         sent: plan.count,
@@ -543,6 +646,8 @@ mod tests {
             seq_start: 0,
             progress: false,
             timeout: Duration::from_millis(300),
+            protocol: MqttProtocol::V311,
+            response_topic: None,
         };
         let started = Instant::now();
         let err = tokio::time::timeout(Duration::from_secs(30), send(plan))

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use didhub::config::{Config, EX_CONFIG, SHIPPED_HUB_TOML};
+use didhub::config::{Config, MqttProtocol, EX_CONFIG, SHIPPED_HUB_TOML};
 use didhub::did::DidMethod;
 use didhub::verify::Envelope;
 use tokio_util::sync::CancellationToken;
@@ -111,6 +111,14 @@ enum Command {
         /// (QoS 1) no acknowledgement while posts wait for one. E.g. 30s, 2m.
         #[arg(long, default_value = "60s", value_parser = parse_timeout)]
         timeout: Duration,
+        /// MQTT version, `v3.1.1` or `v5` (default: mqtt.protocol of hub.toml when it is read,
+        /// else v3.1.1).
+        #[arg(long, value_parser = parse_protocol)]
+        protocol: Option<MqttProtocol>,
+        /// MQTT 5: ask the hub to send its problem reports to this topic (the Response Topic),
+        /// with the post's message id as Correlation Data.
+        #[arg(long)]
+        response_topic: Option<String>,
     },
     /// Show stored points from the embedded store.
     Query {
@@ -142,6 +150,14 @@ fn parse_method(s: &str) -> Result<DidMethod, String> {
         "key" => Ok(DidMethod::Key),
         "peer" => Ok(DidMethod::Peer),
         _ => Err(format!("`{s}`: use `key` or `peer`")),
+    }
+}
+
+fn parse_protocol(s: &str) -> Result<MqttProtocol, String> {
+    match s {
+        "v3.1.1" | "3.1.1" | "v311" => Ok(MqttProtocol::V311),
+        "v5" | "5" => Ok(MqttProtocol::V5),
+        _ => Err(format!("`{s}`: use v3.1.1 or v5")),
     }
 }
 
@@ -323,6 +339,8 @@ async fn real_main(cli: Cli) -> ExitCode {
             seq_field,
             seq_start,
             timeout,
+            protocol,
+            response_topic,
         } => {
             let device = match didhub::did::Identity::load(&identity) {
                 Ok(d) => d,
@@ -383,6 +401,12 @@ async fn real_main(cli: Cli) -> ExitCode {
             if rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
                 return fail("--rate must be a positive number of posts per second");
             }
+            let protocol = protocol
+                .or(cfg.as_ref().map(|c| c.mqtt.protocol))
+                .unwrap_or_default();
+            if response_topic.is_some() && protocol != MqttProtocol::V5 {
+                return fail("--response-topic needs MQTT 5: add --protocol v5");
+            }
             let plan = didhub::cli::SendPlan {
                 device,
                 to,
@@ -397,6 +421,8 @@ async fn real_main(cli: Cli) -> ExitCode {
                 seq_start,
                 progress: count > 1,
                 timeout,
+                protocol,
+                response_topic,
             };
             match didhub::cli::send_with(plan, &conn).await {
                 Ok(s) => {

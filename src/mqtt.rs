@@ -354,7 +354,7 @@ pub fn classify_v4(e: &ConnectionError) -> Failure {
     }
 }
 
-fn classify_v5(e: &v5::ConnectionError) -> Failure {
+pub fn classify_v5(e: &v5::ConnectionError) -> Failure {
     use v5::mqttbytes::v5::ConnectReturnCode as C;
     use v5::ConnectionError as E;
     match e {

@@ -630,6 +630,18 @@ fn mosquitto_pub_v5(
     assert!(out.status.success(), "mosquitto_pub: {out:?}");
 }
 
+/// An MQTT 5 subscriber to the Response Topics used here and to the route's report topic.
+fn v5_replies(port: u16) -> Collector {
+    Collector::start(
+        port,
+        &["replies/#", "devices/+/telemetry/problem-report"],
+        &SubOptions {
+            protocol: "mqttv5",
+            ..Default::default()
+        },
+    )
+}
+
 #[test]
 fn v5_report_goes_to_the_response_topic_and_the_session_survives_a_restart() {
     let mq = Mosquitto::start();
@@ -639,14 +651,7 @@ fn v5_report_goes_to_the_response_topic_and_the_session_survives_a_restart() {
     let to = hub_did(d);
     let device = Identity::load(&keygen(d)).unwrap();
 
-    let replies = Collector::start(
-        mq.port,
-        &["replies/#", "devices/+/telemetry/problem-report"],
-        &SubOptions {
-            protocol: "mqttv5",
-            ..Default::default()
-        },
-    );
+    let replies = v5_replies(mq.port);
     // Accepted (stored, acked), and rejected (plaintext on an authenticated route).
     let good = block(pack_post(
         &device,
@@ -725,4 +730,48 @@ fn v5_report_goes_to_the_response_topic_and_the_session_survives_a_restart() {
         "{}",
         hub.log().tail()
     );
+}
+
+/// `didhub send --protocol v5 --response-topic`: the post goes out over MQTT 5, and the hub's
+/// problem report for a rejected one comes back on that topic, with the post's message id as
+/// Correlation Data. Without `--protocol v5` the flag is refused with what to do.
+#[test]
+fn send_over_mqtt5_gets_its_reports_on_its_response_topic() {
+    let mq = Mosquitto::start();
+    let t = TestHub::ready(tempdir(), &mq.url(), "protocol = \"v5\"\n");
+    let d = t.dir.path();
+    let replies = v5_replies(mq.port);
+    let v5 = ["--protocol", "v5", "--response-topic", "replies/d1"];
+    assert_ok(&send(d, &mq.url(), &v5));
+    wait_until("the signed post stored", WAIT, || stored(d) == 1);
+
+    // Plaintext on an authenticated route: rejected, reported to the Response Topic.
+    let out = send(d, &mq.url(), &[&v5[..], &["--mode", "plaintext"]].concat());
+    assert_ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let id = stderr
+        .split_whitespace()
+        .skip_while(|w| *w != "post")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no message id in: {stderr}"))
+        .to_string();
+    let got = replies.wait_for_messages(1, WAIT);
+    assert_eq!(got[0].topic, "replies/d1", "the Response Topic");
+    assert_eq!(
+        got[0].correlation_data, id,
+        "the post's id as Correlation Data"
+    );
+    let report: serde_json::Value = serde_json::from_str(&got[0].text()).unwrap();
+    assert!(
+        report.get("signatures").is_some(),
+        "a signed report: {report}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(replies.messages().len(), 1, "only the one report");
+    assert_eq!(stored(d), 1);
+
+    let out = send(d, &mq.url(), &["--response-topic", "replies/d1"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--protocol v5"), "{stderr}");
 }
