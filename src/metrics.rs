@@ -220,7 +220,7 @@ impl Sources {
         let mut r = Registry::default();
         r.register(
             VERIFY_SECONDS,
-            "Seconds spent verifying one message",
+            "Seconds spent verifying one message (messages verified together in one batch each count the batch's mean)",
             self.stats.verify_seconds.0.clone(),
         );
         r.register(
