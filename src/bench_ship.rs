@@ -201,7 +201,7 @@ fn fill(
         )
         .map_err(|e| e.to_string())?;
         line_bytes +=
-            store::insert_point(&tx, Sink::Outbox, &point).map_err(|e| e.to_string())? as usize;
+            store::insert_point(&tx, Sink::Outbox, point).map_err(|e| e.to_string())? as usize;
         if i % 20_000 == 0 || i + 1 == n {
             progress(&format!(
                 "filling the outbox: {}/{n} points ({:.0}/s)",

@@ -887,7 +887,7 @@ impl Committer {
                     Work::Done(s) => s,
                     Work::Heartbeat => continue,
                     Work::Internal(p) => {
-                        match store::insert_point(&self.conn, self.sink, &p) {
+                        match store::insert_point(&self.conn, self.sink, p) {
                             Ok(bytes) if self.sink == Sink::Outbox => {
                                 self.ship_stats.added(1, bytes);
                                 stored_any = true;

@@ -690,7 +690,7 @@ mod tests {
                 fields: [("v".to_string(), crate::mapping::FieldValue::Float(1.0))].into(),
                 timestamp_ns: i as i64,
             };
-            let bytes = store::insert_point(&c, store::Sink::Outbox, &p).unwrap();
+            let bytes = store::insert_point(&c, store::Sink::Outbox, p).unwrap();
             stats.added(1, bytes);
         }
         Shipper {

@@ -293,6 +293,44 @@ pub struct Committed {
     pub outbox_bytes: i64,
 }
 
+/// The two statements that insert [`Row`]s, prepared once for many rows.
+struct RowInserts<'c> {
+    point: rusqlite::CachedStatement<'c>,
+    outbox: rusqlite::CachedStatement<'c>,
+}
+
+impl<'c> RowInserts<'c> {
+    fn prepare(conn: &'c Connection) -> Result<Self, StoreError> {
+        Ok(RowInserts {
+            point: conn.prepare_cached(
+                "INSERT INTO points (measurement, ts_ns, tags, fields, msg_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?,
+            outbox: conn.prepare_cached("INSERT INTO outbox (line) VALUES (?1)")?,
+        })
+    }
+
+    /// Inserts `row` (a points row with `msg_id`); the bytes of an outbox row, `None` for a
+    /// points row.
+    fn insert(&mut self, row: &Row, msg_id: &str) -> Result<Option<i64>, StoreError> {
+        match row {
+            Row::Point {
+                measurement,
+                ts_ns,
+                tags,
+                fields,
+            } => {
+                self.point
+                    .execute(params![measurement, ts_ns, tags, fields, msg_id])?;
+                Ok(None)
+            }
+            Row::Line(line) => {
+                self.outbox.execute(params![line])?;
+                Ok(Some(line.len() as i64))
+            }
+        }
+    }
+}
+
 /// Commits a batch in one transaction.
 pub fn commit_batch(conn: &mut Connection, batch: &[&Commit]) -> Result<Committed, StoreError> {
     let tx = conn.transaction()?;
@@ -305,10 +343,7 @@ pub fn commit_batch(conn: &mut Connection, batch: &[&Commit]) -> Result<Committe
         )?;
         let mut seen_hash =
             tx.prepare_cached("SELECT hash FROM seen WHERE sender = ?1 AND msg_id = ?2")?;
-        let mut point = tx.prepare_cached(
-            "INSERT INTO points (measurement, ts_ns, tags, fields, msg_id) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
-        let mut outbox = tx.prepare_cached("INSERT INTO outbox (line) VALUES (?1)")?;
+        let mut rows = RowInserts::prepare(&tx)?;
         for c in batch {
             let inserted = seen.execute(params![c.sender, c.msg_id, &c.hash[..], c.received_ns])?;
             if inserted == 0 {
@@ -323,20 +358,9 @@ pub fn commit_batch(conn: &mut Connection, batch: &[&Commit]) -> Result<Committe
                 continue;
             }
             for row in &c.rows {
-                match row {
-                    Row::Point {
-                        measurement,
-                        ts_ns,
-                        tags,
-                        fields,
-                    } => {
-                        point.execute(params![measurement, ts_ns, tags, fields, c.msg_id])?;
-                    }
-                    Row::Line(line) => {
-                        outbox_rows += 1;
-                        outbox_bytes += line.len() as i64;
-                        outbox.execute(params![line])?;
-                    }
+                if let Some(bytes) = rows.insert(row, &c.msg_id)? {
+                    outbox_rows += 1;
+                    outbox_bytes += bytes;
                 }
             }
             results.push(CommitResult::Stored);
@@ -350,27 +374,11 @@ pub fn commit_batch(conn: &mut Connection, batch: &[&Commit]) -> Result<Committe
     })
 }
 
-/// Inserts one internal point (the hub's own statistics) outside the replay window.
-pub fn insert_point(conn: &Connection, sink: Sink, p: &Point) -> Result<i64, StoreError> {
-    match sink {
-        Sink::Embedded => {
-            conn.execute(
-                "INSERT INTO points (measurement, ts_ns, tags, fields, msg_id) VALUES (?1, ?2, ?3, ?4, '')",
-                params![
-                    p.measurement,
-                    p.timestamp_ns,
-                    serde_json::to_string(&p.tags)?,
-                    serde_json::to_string(&p.fields)?
-                ],
-            )?;
-            Ok(0)
-        }
-        Sink::Outbox => {
-            let line = p.to_line();
-            conn.execute("INSERT INTO outbox (line) VALUES (?1)", params![line])?;
-            Ok(line.len() as i64)
-        }
-    }
+/// Inserts one internal point (the hub's own statistics) outside the replay window; returns
+/// the outbox bytes it added (0 in embedded mode).
+pub fn insert_point(conn: &Connection, sink: Sink, p: Point) -> Result<i64, StoreError> {
+    let row = Row::encode(p, sink)?;
+    Ok(RowInserts::prepare(conn)?.insert(&row, "")?.unwrap_or(0))
 }
 
 /// Rows and bytes waiting in the outbox.
