@@ -386,26 +386,20 @@ fn canonical_y(enc: &[u8; 32]) -> bool {
     !(enc[31] & 0x7f == 0x7f && enc[1..31].iter().all(|&b| b == 0xff) && enc[0] >= 0xed)
 }
 
+/// The y coordinates (little-endian, without the sign bit) of the 8 points of small order:
+/// 0 (order 4), 1 (the identity), −1 = p − 1 (order 2) and ±y₈ (order 8). A unit test checks
+/// each against `ed25519-dalek`.
+const SMALL_ORDER_Y: [[u8; 32]; 5] = [
+    [0; 32],
+    hex_literal(b"0100000000000000000000000000000000000000000000000000000000000000"),
+    hex_literal(b"ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    hex_literal(b"26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+    hex_literal(b"c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
+];
+
 /// Whether a (canonical) compressed Edwards point is one of the 8 points of small order,
-/// whatever its sign bit. Their y coordinates: 0 (order 4), 1 (the identity), −1 (order 2) and
-/// ±y₈ (order 8). A unit test checks each against `ed25519-dalek`.
+/// whatever its sign bit.
 fn small_order_y(enc: &[u8; 32]) -> bool {
-    const SMALL_ORDER_Y: [[u8; 32]; 5] = [
-        [0; 32],
-        {
-            let mut one = [0; 32];
-            one[0] = 1;
-            one
-        },
-        {
-            let mut minus_one = [0xff; 32];
-            minus_one[0] = 0xec;
-            minus_one[31] = 0x7f;
-            minus_one
-        },
-        hex_literal(b"26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
-        hex_literal(b"c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
-    ];
     let mut y = *enc;
     y[31] &= 0x7f;
     SMALL_ORDER_Y.contains(&y)
@@ -500,10 +494,17 @@ impl Verifier {
 
     /// Verifies raw bytes from a device against the route's requirement, at `now` (epoch s).
     pub async fn verify(&self, bytes: &[u8], require: Require, now: u64) -> Verdict {
-        match self.verify_inner(bytes, require, now).await {
-            Ok(v) => v,
-            Err(r) => Verdict::Reject(r),
-        }
+        let verdict = match self.checked_text(bytes) {
+            Ok(text) => {
+                let signed = self
+                    .signed_candidate(text, require)
+                    .then(|| self.fast_signed(text))
+                    .flatten();
+                self.verify_text(text, require, now, signed).await
+            }
+            Err(r) => Err(r),
+        };
+        verdict.unwrap_or_else(Verdict::Reject)
     }
 
     /// Verifies several messages, in order: the same verdicts as [`Verifier::verify`] on each.
@@ -522,14 +523,18 @@ impl Verifier {
     /// small- or mixed-order keys) before batching. [`Verifier::set_batch_verify`] turns
     /// batching off.
     pub async fn verify_many(&self, items: &[(&[u8], Require)], now: u64) -> Vec<Verdict> {
-        let mut parts: Vec<Option<SignedParts<'_>>> = items
+        let texts: Vec<Result<&str, Rejection>> = items
             .iter()
-            .map(|&(bytes, require)| {
-                let text = std::str::from_utf8(bytes)
-                    .ok()
-                    .filter(|_| bytes.len() <= self.limits.max_message_bytes)
-                    .filter(|t| self.signed_candidate(t, require))?;
-                self.signed_parts(text)
+            .map(|&(bytes, _)| self.checked_text(bytes))
+            .collect();
+        let mut parts: Vec<Option<SignedParts<'_>>> = texts
+            .iter()
+            .zip(items)
+            .map(|(text, &(_, require))| {
+                let text = text.as_ref().ok()?;
+                self.signed_candidate(text, require)
+                    .then(|| self.signed_parts(text))
+                    .flatten()
             })
             .collect();
         let batch: Vec<usize> = (0..parts.len())
@@ -554,20 +559,17 @@ impl Verifier {
             }
         }
         let mut verdicts = Vec::with_capacity(items.len());
-        for (i, &(bytes, require)) in items.iter().enumerate() {
-            let fast = parts[i]
+        for (i, (text, &(_, require))) in texts.into_iter().zip(items).enumerate() {
+            // The signed fast path's result (`None`: the general path decides).
+            let signed = parts[i]
                 .take()
                 .filter(|p| checked[i] || p.key.verify_strict(&p.input, &p.signature).is_ok())
-                .and_then(SignedParts::message)
-                .map(|(msg, kid)| {
-                    self.check_unpacked(msg, Envelope::Signed, Some(kid), None, require, now)
-                });
-            verdicts.push(match fast {
-                Some(Ok(v)) => v,
-                Some(Err(r)) => Verdict::Reject(r),
-                // Not on the fast path, or its signature is bad: the general path decides.
-                None => self.verify(bytes, require, now).await,
-            });
+                .and_then(SignedParts::message);
+            let verdict = match text {
+                Ok(text) => self.verify_text(text, require, now, signed).await,
+                Err(r) => Err(r),
+            };
+            verdicts.push(verdict.unwrap_or_else(Verdict::Reject));
         }
         verdicts
     }
@@ -582,12 +584,8 @@ impl Verifier {
             && text.contains("\"signatures\"")
     }
 
-    async fn verify_inner(
-        &self,
-        bytes: &[u8],
-        require: Require,
-        now: u64,
-    ) -> Result<Verdict, Rejection> {
+    /// The message as text: within `limits.max_message_bytes` and UTF-8.
+    fn checked_text<'b>(&self, bytes: &'b [u8]) -> Result<&'b str, Rejection> {
         if bytes.len() > self.limits.max_message_bytes {
             return Err(Rejection::new(
                 Code::RejectPost,
@@ -598,16 +596,25 @@ impl Verifier {
                 ),
             ));
         }
-        let text = std::str::from_utf8(bytes)
-            .map_err(|_| Rejection::new(Code::InvalidMessage, "the message is not UTF-8"))?;
-        // The common case first. Routes that refuse a signed-only envelope before any crypto
-        // (`authcrypt`) take the general path, which explains the refusal.
-        // (A member name written with escapes misses these cheap tests and takes the general
-        // path, which is always correct.)
-        if self.signed_candidate(text, require) {
-            if let Some((msg, kid)) = self.fast_signed(text) {
-                return self.check_unpacked(msg, Envelope::Signed, Some(kid), None, require, now);
-            }
+        std::str::from_utf8(bytes)
+            .map_err(|_| Rejection::new(Code::InvalidMessage, "the message is not UTF-8"))
+    }
+
+    /// The verdict on `text` (see [`Verifier::checked_text`]), given `signed`, what the signed
+    /// fast path made of it: the caller tries that path first ([`Verifier::signed_candidate`]),
+    /// alone or in a batch. Routes that refuse a signed-only envelope before any crypto
+    /// (`authcrypt`) take the general path, which explains the refusal. (A member name written
+    /// with escapes misses the fast paths' cheap tests and takes the general path, which is
+    /// always correct.)
+    async fn verify_text(
+        &self,
+        text: &str,
+        require: Require,
+        now: u64,
+        signed: Option<(Message, &str)>,
+    ) -> Result<Verdict, Rejection> {
+        if let Some((msg, kid)) = signed {
+            return self.check_unpacked(msg, Envelope::Signed, Some(kid), None, require, now);
         }
         if self.fast_path && text.contains("\"ciphertext\"") {
             if let Some((msg, skid)) = self.fast_authcrypt(text) {
@@ -2130,13 +2137,7 @@ mod tests {
     #[test]
     fn small_order_and_non_canonical_encodings_are_recognised() {
         let mut points = std::collections::HashSet::new();
-        for y in [
-            [0u8; 32],
-            hex_literal(b"0100000000000000000000000000000000000000000000000000000000000000"),
-            hex_literal(b"ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
-            hex_literal(b"26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
-            hex_literal(b"c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
-        ] {
+        for y in SMALL_ORDER_Y {
             for sign in [0, 0x80] {
                 let mut enc = y;
                 enc[31] |= sign;
@@ -2154,8 +2155,7 @@ mod tests {
                 .to_bytes();
             assert!(canonical_y(&enc) && !small_order_y(&enc));
         }
-        let p_minus_1 =
-            hex_literal(b"ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f");
+        let p_minus_1 = SMALL_ORDER_Y[2];
         for k in 1..=19u8 {
             let mut enc = p_minus_1;
             enc[0] += k; // p, p + 1, ..., 2^255 − 1
@@ -2175,8 +2175,7 @@ mod tests {
         let hub = Identity::generate(DidMethod::Key);
         let (fast, slow) = fast_and_slow(&hub);
         let dev = Identity::generate(DidMethod::Key);
-        let order_two_r =
-            hex_literal(b"ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f");
+        let order_two_r = SMALL_ORDER_Y[2]; // y = −1, x = 0
         for i in 0..24 {
             let good = |n: usize| {
                 run(pack_post(
