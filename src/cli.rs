@@ -74,12 +74,8 @@ impl SendClient {
                 .await
                 .map_err(|e| e.to_string()),
             SendClient::V5(c) => {
-                use rumqttc::v5::mqttbytes::{v5::PublishProperties, QoS as QoS5};
-                let qos = if qos == QoS::AtMostOnce {
-                    QoS5::AtMostOnce
-                } else {
-                    QoS5::AtLeastOnce
-                };
+                use rumqttc::v5::mqttbytes::v5::PublishProperties;
+                let qos = crate::mqtt::qos_v5(u8::from(qos != QoS::AtMostOnce));
                 let r = match response {
                     Some((rt, id)) => {
                         let props = PublishProperties {

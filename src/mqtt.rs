@@ -144,7 +144,8 @@ fn qos(q: u8) -> QoS {
     }
 }
 
-fn qos_v5(q: u8) -> v5::mqttbytes::QoS {
+/// QoS `q` (0, or 1 for anything else) in MQTT 5's type.
+pub fn qos_v5(q: u8) -> v5::mqttbytes::QoS {
     if q == 0 {
         v5::mqttbytes::QoS::AtMostOnce
     } else {
