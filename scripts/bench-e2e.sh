@@ -61,6 +61,9 @@ require = "$require"
 senders = "any-verified"
 measurement = "telemetry"
 EOF
+# DIDHUB_HUB_TOML=text: appended to the hub's configuration (A/B of a setting), e.g.
+# DIDHUB_HUB_TOML=$'[pipeline]\nverify_linger = "0s"'.
+if [[ -n ${DIDHUB_HUB_TOML:-} ]]; then printf '%s\n' "$DIDHUB_HUB_TOML" >>"$dir/hub.toml"; fi
 
 # DIDHUB_HUB_BIN=path: run that hub binary (A/B comparisons), with this build as the generator.
 "${DIDHUB_HUB_BIN:-$didhub}" --config "$dir/hub.toml" run >"$dir/hub.log" 2>&1 &

@@ -198,7 +198,13 @@ pub async fn run_with(
     let (settled_tx, settled_rx) = flume::bounded(8);
     let stats_tx = work_tx.clone();
     let heartbeat_tx = work_tx.clone();
-    let worker_handles = pipeline::spawn_workers(workers, shared.clone(), in_rx, work_tx);
+    let worker_handles = pipeline::spawn_workers(
+        workers,
+        shared.clone(),
+        in_rx,
+        cfg.pipeline.verify_linger,
+        work_tx,
+    );
     let outbox_full = Arc::new(AtomicBool::new(false));
     let committer_stop = Arc::new(AtomicBool::new(false));
     let committer = Committer {

@@ -73,6 +73,10 @@ pub struct BenchArgs {
     /// (the hub uses `pipeline::COMMIT_LINGER`).
     #[arg(long, default_value_t = crate::pipeline::COMMIT_LINGER.as_secs_f64() * 1e3)]
     pub linger_ms: f64,
+    /// In process: `pipeline.verify_linger`, ms (how long a verify worker may wait for a batch
+    /// to grow at moderate rates; 0: never).
+    #[arg(long, default_value_t = 1.0)]
+    pub verify_linger_ms: f64,
     /// `pipeline.queue` in process.
     #[arg(long, default_value_t = 1024)]
     pub queue: usize,
@@ -92,7 +96,9 @@ pub struct BenchArgs {
     /// MQTT connections to publish on.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
-    /// Posts per second over all connections (default: as fast as possible).
+    /// Posts per second (default: as fast as possible). End to end, over all connections, due
+    /// at even intervals (the timer's 1 ms ticks send them in small bursts); in process, at
+    /// random intervals (Poisson arrivals, as from many independent devices).
     #[arg(long)]
     pub rate: Option<f64>,
     /// Unacknowledged QoS 1 publishes per connection.
@@ -497,6 +503,10 @@ pub struct InProcessReport {
     pub batches: u64,
     /// Mean posts per commit.
     pub mean_batch: f64,
+    /// Posts per second fed (Poisson arrivals), or `None`: as fast as possible.
+    pub rate: Option<f64>,
+    /// Mean posts per verify batch.
+    pub verify_batch_mean: f64,
     /// DID cache hits and misses.
     pub did_cache_hits: u64,
     /// DID cache misses.
@@ -545,6 +555,7 @@ max_batch = {max_batch}
 [pipeline]
 workers = {workers}
 queue = {queue}
+verify_linger = "{verify_linger_us}us"
 [http]
 listen = ""
 [[routes]]
@@ -557,6 +568,7 @@ measurement = "bench"
         dir = dir.display().to_string(),
         max_batch = args.max_batch,
         queue = args.queue,
+        verify_linger_us = (args.verify_linger_ms.max(0.0) * 1e3).round() as u64,
         require = require_str(require),
     )
 }
@@ -628,7 +640,13 @@ fn run_in_dir(
     let cpu0 = proc_cpu_secs("self").unwrap_or(0.0);
     let t0 = Instant::now();
 
-    let worker_handles = pipeline::spawn_workers(workers, shared.clone(), in_rx, work_tx);
+    let worker_handles = pipeline::spawn_workers(
+        workers,
+        shared.clone(),
+        in_rx,
+        cfg.pipeline.verify_linger,
+        work_tx,
+    );
     let committer_handle = std::thread::Builder::new()
         .name("committer".into())
         .spawn(move || committer.run(work_rx, settled_tx))
@@ -640,8 +658,18 @@ fn run_in_dir(
     let threads0 = thread_cpu_groups();
     std::thread::scope(|s| {
         s.spawn(|| {
-            // The ingest side: what the MQTT poll task does per message.
+            // The ingest side: what the MQTT poll task does per message. With a rate, the
+            // posts come at random intervals (exponential gaps: Poisson arrivals).
+            let mut due = Instant::now();
+            let mut rng = rand::thread_rng();
             for (i, p) in corpus.posts.iter().enumerate() {
+                if let Some(rate) = args.rate {
+                    let u: f64 = rand::Rng::gen(&mut rng);
+                    due += Duration::from_secs_f64(-(1.0 - u).ln() / rate);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                }
                 let m = Inbound {
                     seq: i as u64,
                     topic: corpus.topics[p.device].clone(),
@@ -724,6 +752,9 @@ fn run_in_dir(
             / 1e3,
         batches,
         mean_batch: accepted as f64 / batches.max(1) as f64,
+        rate: args.rate,
+        verify_batch_mean: stats.verify_batched.load(Ordering::Relaxed) as f64
+            / stats.verify_batches.load(Ordering::Relaxed).max(1) as f64,
         did_cache_hits: hits,
         did_cache_misses: misses,
         fast_path: !args.no_fast_path,
@@ -854,6 +885,10 @@ pub struct HubMetrics {
     pub commits: f64,
     /// `didhub_commit_batch_size_sum`: messages committed.
     pub committed: f64,
+    /// `didhub_verify_batch_size_count`: verify batches.
+    pub verify_batches: f64,
+    /// `didhub_verify_batch_size_sum`: messages verified in them.
+    pub verified: f64,
 }
 
 /// Reads [`HubMetrics`] from a Prometheus text page.
@@ -878,6 +913,8 @@ pub async fn scrape_hub_metrics(url: &str) -> Result<HubMetrics, String> {
         key_cache_misses: value("didhub_key_cache_misses_total"),
         commits: value("didhub_commit_batch_size_count"),
         committed: value("didhub_commit_batch_size_sum"),
+        verify_batches: value("didhub_verify_batch_size_count"),
+        verified: value("didhub_verify_batch_size_sum"),
     })
 }
 
@@ -1377,8 +1414,16 @@ pub fn render_table(r: &BenchReport) -> String {
             (
                 "in process".into(),
                 format!(
-                    "{} worker(s), require = \"{}\", {} settled, {} accepted, {} rejected",
-                    p.workers, p.require, p.settled, p.accepted, p.rejected
+                    "{} worker(s), require = \"{}\", {}, {} settled, {} accepted, {} rejected",
+                    p.workers,
+                    p.require,
+                    match p.rate {
+                        Some(r) => format!("Poisson arrivals at {r:.0}/s"),
+                        None => "full speed".into(),
+                    },
+                    p.settled,
+                    p.accepted,
+                    p.rejected
                 ),
             ),
             (
@@ -1403,7 +1448,10 @@ pub fn render_table(r: &BenchReport) -> String {
             ),
             (
                 "  commits".into(),
-                format!("{} batches, {:.0} posts/batch", p.batches, p.mean_batch),
+                format!(
+                    "{} batches, {:.0} posts/batch; {:.1} posts/verify batch",
+                    p.batches, p.mean_batch, p.verify_batch_mean
+                ),
             ),
             (
                 "  DID cache".into(),
@@ -1513,7 +1561,7 @@ pub fn render_table(r: &BenchReport) -> String {
                     Some(m) => {
                         let rate = |h: f64, m: f64| 100.0 * h / (h + m).max(1.0);
                         format!(
-                            "signer keys {:.0} hits / {:.0} misses ({:.1} % hits); DID documents {:.0} / {:.0} ({:.1} %); {:.0} commits, {:.0} posts/commit (since the hub started)",
+                            "signer keys {:.0} hits / {:.0} misses ({:.1} % hits); DID documents {:.0} / {:.0} ({:.1} %); {:.0} commits, {:.0} posts/commit, {:.1} posts/verify batch (since the hub started)",
                             m.key_cache_hits,
                             m.key_cache_misses,
                             rate(m.key_cache_hits, m.key_cache_misses),
@@ -1521,7 +1569,8 @@ pub fn render_table(r: &BenchReport) -> String {
                             m.did_cache_misses,
                             rate(m.did_cache_hits, m.did_cache_misses),
                             m.commits,
-                            m.committed / m.commits.max(1.0)
+                            m.committed / m.commits.max(1.0),
+                            m.verified / m.verify_batches.max(1.0)
                         )
                     }
                     None => "- (pass --hub-metrics)".into(),
@@ -1631,6 +1680,7 @@ mod tests {
             require: None,
             max_batch: 16,
             linger_ms: 2.0,
+            verify_linger_ms: 1.0,
             queue: 8,
             no_fast_path: false,
             no_batch_verify: false,
@@ -1652,6 +1702,15 @@ mod tests {
         let r = run_in_process(&args, &corpus).unwrap();
         assert!(r.exactly_once, "{r:?}");
         assert_eq!((r.accepted, r.rejected), (40, 0));
+        assert!(r.verify_batch_mean >= 1.0, "{r:?}");
+        // Paced (Poisson arrivals): the same posts, committed once each.
+        let paced = BenchArgs {
+            rate: Some(2000.0),
+            ..args.clone()
+        };
+        let p = run_in_process(&paced, &corpus).unwrap();
+        assert!(p.exactly_once, "{p:?}");
+        assert_eq!((p.accepted, p.rate), (40, Some(2000.0)));
         let b = bare_unpack(&corpus, args.bare_limit);
         assert_eq!((b.count, b.failed), (10, 0));
         assert!(render_table(&BenchReport {

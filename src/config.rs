@@ -842,10 +842,18 @@ pub struct PipelineConfig {
     /// (`Verifier::verify_many`); `false`: each alone.
     #[serde(default = "default_batch_verify")]
     pub batch_verify: bool,
+    /// With `batch_verify`, at rates where a few signed messages arrive within this time, a
+    /// verify worker waits up to this long for them to make a batch (`pipeline::Gather`);
+    /// `0s`: never waits.
+    #[serde(default = "default_verify_linger", with = "humantime_serde")]
+    pub verify_linger: Duration,
 }
 
 fn default_batch_verify() -> bool {
     true
+}
+fn default_verify_linger() -> Duration {
+    Duration::from_millis(1)
 }
 fn default_queue() -> usize {
     1024
@@ -861,6 +869,7 @@ impl Default for PipelineConfig {
             queue: default_queue(),
             shutdown_timeout: default_shutdown(),
             batch_verify: default_batch_verify(),
+            verify_linger: default_verify_linger(),
         }
     }
 }
@@ -1362,6 +1371,9 @@ mod tests {
         assert!(c.pipeline.batch_verify);
         let c = parse(&format!("{MIN}[pipeline]\nbatch_verify = false\n")).unwrap();
         assert!(!c.pipeline.batch_verify);
+        assert_eq!(c.pipeline.verify_linger, Duration::from_millis(1));
+        let c = parse(&format!("{MIN}[pipeline]\nverify_linger = \"0s\"\n")).unwrap();
+        assert!(c.pipeline.verify_linger.is_zero());
     }
 
     #[test]

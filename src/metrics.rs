@@ -45,6 +45,8 @@ pub const REPORTS_SUPPRESSED: &str = "didhub_reports_suppressed";
 pub const VERIFY_SECONDS: &str = "didhub_verify_seconds";
 /// Messages per SQLite transaction (histogram).
 pub const COMMIT_BATCH_SIZE: &str = "didhub_commit_batch_size";
+/// Messages a verify worker took off the queue together (histogram).
+pub const VERIFY_BATCH_SIZE: &str = "didhub_verify_batch_size";
 /// Rows waiting in the outbox for InfluxDB (gauge).
 pub const OUTBOX_ROWS: &str = "didhub_outbox_rows";
 /// Bytes of line protocol waiting in the outbox (gauge).
@@ -222,6 +224,11 @@ impl Sources {
             VERIFY_SECONDS,
             "Seconds spent verifying one message (messages verified together in one batch each count the batch's mean)",
             self.stats.verify_seconds.0.clone(),
+        );
+        r.register(
+            VERIFY_BATCH_SIZE,
+            "Messages a verify worker took off the queue and verified together",
+            self.stats.verify_batch_size.0.clone(),
         );
         r.register(
             COMMIT_BATCH_SIZE,
@@ -429,6 +436,7 @@ mod tests {
             .verify_seconds
             .observe(std::time::Duration::from_millis(2));
         s.stats.commit_batch_size.observe(3);
+        s.stats.verify_batch_size.observe(7);
         s.ship.ship_errors.http(429);
         s.ship.ship_errors.connect();
         s.link.connected.store(true, Ordering::Relaxed);
@@ -440,6 +448,8 @@ mod tests {
             "didhub_verify_seconds_count 1\n",
             "didhub_verify_seconds_bucket{le=\"0.0025\"} 1\n",
             "didhub_commit_batch_size_bucket{le=\"4\"} 1\n",
+            "didhub_verify_batch_size_bucket{le=\"4\"} 0\n",
+            "didhub_verify_batch_size_bucket{le=\"8\"} 1\n",
             "didhub_ship_errors_total{status=\"429\"} 1\n",
             "didhub_ship_errors_total{status=\"connect\"} 1\n",
             "didhub_mqtt_connected 1\n",

@@ -106,6 +106,12 @@ pub struct Stats {
     pub verify_seconds: crate::metrics::SecondsHistogram,
     /// Messages per commit transaction.
     pub commit_batch_size: crate::metrics::SizeHistogram,
+    /// Messages per verify batch (taken off the queue together).
+    pub verify_batch_size: crate::metrics::SizeHistogram,
+    /// Verify batches, and the messages in them (the histogram's count and sum).
+    pub verify_batches: AtomicU64,
+    /// Messages taken off the queue in verify batches.
+    pub verify_batched: AtomicU64,
     /// Committer loop turns (batches, heartbeats, budget waits): the systemd watchdog pings
     /// only while this advances.
     pub heartbeats: AtomicU64,
@@ -480,14 +486,15 @@ impl Shared {
 
     /// Verifies and maps one message (runs on a worker thread).
     pub fn process(&self, m: Inbound) -> Work {
-        let mut work = self.process_batch(vec![m]);
+        let (mut work, _) = self.process_batch(vec![m]);
         work.pop().expect("one message in, one out")
     }
 
     /// Verifies and maps messages taken together off the queue (runs on a worker thread): one
     /// `Work` per message, in any order (settling follows `seq`). Their signatures are checked
-    /// in one batch where possible ([`Verifier::verify_many`]).
-    pub fn process_batch(&self, batch: Vec<Inbound>) -> Vec<Work> {
+    /// in one batch where possible ([`Verifier::verify_many`]). Also returns how many of them
+    /// were candidates for batch verification.
+    pub fn process_batch(&self, batch: Vec<Inbound>) -> (Vec<Work>, usize) {
         let routing = self.routing();
         let mut out = Vec::with_capacity(batch.len());
         let mut routed = Vec::with_capacity(batch.len());
@@ -511,14 +518,14 @@ impl Shared {
             }));
         }
         if routed.is_empty() {
-            return out;
+            return (out, 0);
         }
         let started = Instant::now();
         let items: Vec<(&[u8], Require)> = routed
             .iter()
             .map(|(m, route)| (&m.payload[..], route.route.require))
             .collect();
-        let verdicts = futures::executor::block_on(self.verifier.verify_many(&items, now_secs()));
+        let many = futures::executor::block_on(self.verifier.verify_many(&items, now_secs()));
         drop(items);
         let took = started.elapsed();
         let each = took / routed.len() as u32;
@@ -528,13 +535,13 @@ impl Shared {
         self.stats
             .verify_count
             .fetch_add(routed.len() as u64, Ordering::Relaxed);
-        for ((m, route), verdict) in routed.into_iter().zip(verdicts) {
+        for ((m, route), verdict) in routed.into_iter().zip(many.verdicts) {
             self.stats.verify_seconds.observe(each);
             let span = tracing::debug_span!("msg", seq = m.seq, topic = %m.topic);
             let _g = span.enter();
             out.push(self.settle(&routing, route, m, verdict));
         }
-        out
+        (out, many.batchable)
     }
 
     /// What becomes of one message once verified: a report, or points to commit.
@@ -702,27 +709,129 @@ impl Shared {
 /// to 64; larger batches would leave the other workers idle while one works through them.
 pub const VERIFY_BATCH: usize = 32;
 
-/// Starts `n` verify workers reading `rx` and writing `tx`.
+/// A verify worker lingers (see [`Gather`]) only when, at the recent arrival rate, this many
+/// messages would arrive while it does: below that, the batch saves too little to be worth
+/// the wait.
+const LINGER_MIN_EXPECTED: f64 = 4.0;
+
+/// Hands the queue's messages to the verify workers in batches, one worker at a time.
+///
+/// Whatever is queued, up to [`VERIFY_BATCH`], goes in one batch. At moderate rates that is
+/// usually one message: the queue is drained as fast as it fills, and each signature is then
+/// checked alone at twice the CPU cost of a batched one. So when the signed messages come
+/// quickly enough that at least [`LINGER_MIN_EXPECTED`] more would arrive within `linger`,
+/// the worker waits up to `linger` for them. An idle or slow hub, or one that receives no
+/// batchable signatures, verifies each message as it arrives, without waiting; under full
+/// load the batch is full at once.
+///
+/// One worker gathers at a time (the others wait for the lock), so that the messages that
+/// arrive during a wait join one batch instead of being split among the workers.
+pub struct Gather {
+    rx: flume::Receiver<Inbound>,
+    linger: std::time::Duration,
+    state: std::sync::Mutex<GatherState>,
+    /// The last verified batch had signatures that could be checked in a batch.
+    signed: std::sync::atomic::AtomicBool,
+}
+
+struct GatherState {
+    /// The arrival rate (messages a second) over the last closed window.
+    rate: f64,
+    /// The current window: when it began, and the messages taken since.
+    window_start: Instant,
+    window_count: usize,
+}
+
+/// How long [`Gather`] counts messages to estimate the arrival rate: a burst of a few
+/// messages after a pause does not make it linger.
+const RATE_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
+
+impl GatherState {
+    /// The arrival rate at `now`: the last closed window's, or that of the window `now`
+    /// closes.
+    fn rate(&mut self, now: Instant) -> f64 {
+        let age = now.saturating_duration_since(self.window_start);
+        if age >= RATE_WINDOW {
+            self.rate = self.window_count as f64 / age.as_secs_f64();
+            self.window_start = now;
+            self.window_count = 0;
+        }
+        self.rate
+    }
+}
+
+impl Gather {
+    /// Batches from `rx`, waiting up to `linger` for a batch to grow (zero: never waits).
+    pub fn new(rx: flume::Receiver<Inbound>, linger: std::time::Duration) -> Self {
+        Gather {
+            rx,
+            linger,
+            state: std::sync::Mutex::new(GatherState {
+                rate: 0.0,
+                window_start: Instant::now(),
+                window_count: 0,
+            }),
+            signed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The next batch (blocks until there is a message); `None` once the queue is closed and
+    /// empty.
+    pub fn next(&self) -> Option<Vec<Inbound>> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let first = self.rx.recv().ok()?;
+        let mut batch = Vec::with_capacity(VERIFY_BATCH);
+        batch.push(first);
+        batch.extend(self.rx.try_iter().take(VERIFY_BATCH - 1));
+        if self.lingers(&mut st, batch.len(), Instant::now()) {
+            // Sleep rather than wait on the channel: one timer wake per batch, not a futex
+            // wake per message.
+            std::thread::sleep(self.linger);
+            batch.extend(self.rx.try_iter().take(VERIFY_BATCH - batch.len()));
+        }
+        st.window_count += batch.len();
+        Some(batch)
+    }
+
+    /// Whether a batch of `len` should wait for more messages at `now`.
+    fn lingers(&self, st: &mut GatherState, len: usize, now: Instant) -> bool {
+        len < VERIFY_BATCH
+            && !self.linger.is_zero()
+            && self.signed.load(Ordering::Relaxed)
+            && st.rate(now) * self.linger.as_secs_f64() >= LINGER_MIN_EXPECTED
+    }
+
+    /// Reports how many of a verified batch's signatures could be checked in a batch.
+    pub fn verified(&self, batchable: usize) {
+        self.signed.store(batchable > 0, Ordering::Relaxed);
+    }
+}
+
+/// Starts `n` verify workers reading `rx` (in batches, see [`Gather`]) and writing `tx`.
 pub fn spawn_workers(
     n: usize,
     shared: Arc<Shared>,
     rx: flume::Receiver<Inbound>,
+    linger: std::time::Duration,
     tx: flume::Sender<Work>,
 ) -> Vec<std::thread::JoinHandle<()>> {
+    let gather = Arc::new(Gather::new(rx, linger));
     (0..n)
         .map(|i| {
-            let (shared, rx, tx) = (shared.clone(), rx.clone(), tx.clone());
+            let (shared, gather, tx) = (shared.clone(), gather.clone(), tx.clone());
             std::thread::Builder::new()
                 .name(format!("verify-{i}"))
                 .spawn(move || {
-                    // Whatever is queued, up to VERIFY_BATCH, is verified together: under load
-                    // the signatures are checked in batches, an idle hub still verifies each
-                    // message as it comes.
-                    let mut batch = Vec::with_capacity(VERIFY_BATCH);
-                    while let Ok(first) = rx.recv() {
-                        batch.push(first);
-                        batch.extend(rx.try_iter().take(VERIFY_BATCH - 1));
-                        for w in shared.process_batch(std::mem::take(&mut batch)) {
+                    while let Some(batch) = gather.next() {
+                        let stats = &shared.stats;
+                        stats.verify_batch_size.observe(batch.len());
+                        stats.verify_batches.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .verify_batched
+                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        let (work, batchable) = shared.process_batch(batch);
+                        gather.verified(batchable);
+                        for w in work {
                             if tx.send(w).is_err() {
                                 return;
                             }
@@ -996,6 +1105,84 @@ impl Reorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn inbound(seq: u64) -> Inbound {
+        Inbound {
+            seq,
+            topic: "devices/d/telemetry".into(),
+            payload: Bytes::from_static(b"{}"),
+            response_topic: None,
+            correlation_data: None,
+            ack: None,
+            received_ns: 0,
+        }
+    }
+
+    #[test]
+    fn gather_lingers_only_for_batchable_signatures_at_a_high_rate() {
+        let (_tx, rx) = flume::unbounded();
+        let g = Gather::new(rx, std::time::Duration::from_millis(1));
+        let t0 = Instant::now();
+        let ms = std::time::Duration::from_millis;
+        let state = |count| GatherState {
+            rate: 0.0,
+            window_start: t0,
+            window_count: count,
+        };
+        // 50 messages in 10 ms: 5k/s, 5 expected within 1 ms.
+        g.verified(3);
+        assert!(g.lingers(&mut state(50), 1, t0 + ms(10)));
+        // ... but not for a full batch, nor without linger or batchable signatures.
+        assert!(!g.lingers(&mut state(50), VERIFY_BATCH, t0 + ms(10)));
+        g.verified(0);
+        assert!(!g.lingers(&mut state(50), 1, t0 + ms(10)));
+        g.verified(3);
+        let never = Gather::new(flume::unbounded().1, std::time::Duration::ZERO);
+        never.verified(3);
+        assert!(!never.lingers(&mut state(50), 1, t0 + ms(10)));
+        // 2k/s (2 expected), a burst of two after a pause, an idle hub: no.
+        assert!(!g.lingers(&mut state(20), 1, t0 + ms(10)));
+        assert!(!g.lingers(&mut state(2), 1, t0 + ms(10)));
+        assert!(!g.lingers(&mut state(0), 1, t0 + std::time::Duration::from_secs(60)));
+        // The rate is that of the last closed window until the next one closes.
+        let mut st = state(50);
+        assert!(g.lingers(&mut st, 1, t0 + ms(10)));
+        assert_eq!(st.window_count, 0);
+        assert!(g.lingers(&mut st, 1, t0 + ms(15)));
+        st.window_count = 3;
+        assert!(!g.lingers(&mut st, 1, t0 + ms(25)));
+    }
+
+    #[test]
+    fn a_lingering_worker_gathers_what_arrives_meanwhile() {
+        let (tx, rx) = flume::unbounded();
+        // A long linger, so that the late message arrives within it even on a loaded machine.
+        let g = Gather::new(rx, std::time::Duration::from_millis(500));
+        g.verified(1);
+        g.state.lock().unwrap().rate = 1e6;
+        tx.send(inbound(1)).unwrap();
+        let late = {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                // Sent only once the worker has taken the first one: after its look at the
+                // queue, so only waiting can put it in the same batch.
+                while !tx.is_empty() {
+                    std::thread::yield_now();
+                }
+                tx.send(inbound(2)).unwrap();
+            })
+        };
+        let batch = g.next().unwrap();
+        late.join().unwrap();
+        let seqs: Vec<u64> = batch.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [1, 2]);
+        // Not lingering (no batchable signatures): each message as it comes.
+        g.verified(0);
+        tx.send(inbound(3)).unwrap();
+        assert_eq!(g.next().unwrap().len(), 1);
+        drop(tx);
+        assert!(g.next().is_none(), "a closed queue ends the worker");
+    }
 
     #[test]
     fn report_templates_match_their_own_topics() {

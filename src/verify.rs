@@ -306,6 +306,16 @@ pub struct VerifyLimits {
     pub clock_skew_secs: u64,
 }
 
+/// What [`Verifier::verify_many`] found.
+#[derive(Debug)]
+pub struct ManyVerdicts {
+    /// One verdict per message, in order.
+    pub verdicts: Vec<Verdict>,
+    /// How many of the messages' signatures were candidates for the batch (signed fast path,
+    /// batch verification on), whether or not there were enough of them to batch.
+    pub batchable: usize,
+}
+
 /// The verifier: the hub's identity, resolvers and the trust policy.
 pub struct Verifier {
     hub: Identity,
@@ -522,7 +532,7 @@ impl Verifier {
     /// device; the hub refuses the cases that need no key (small-order or non-canonical `R`,
     /// small- or mixed-order keys) before batching. [`Verifier::set_batch_verify`] turns
     /// batching off.
-    pub async fn verify_many(&self, items: &[(&[u8], Require)], now: u64) -> Vec<Verdict> {
+    pub async fn verify_many(&self, items: &[(&[u8], Require)], now: u64) -> ManyVerdicts {
         let texts: Vec<Result<&str, Rejection>> = items
             .iter()
             .map(|&(bytes, _)| self.checked_text(bytes))
@@ -571,7 +581,10 @@ impl Verifier {
             };
             verdicts.push(verdict.unwrap_or_else(Verdict::Reject));
         }
-        verdicts
+        ManyVerdicts {
+            verdicts,
+            batchable: batch.len(),
+        }
     }
 
     /// Whether [`Verifier::verify`] tries `text` on the signed fast path.
@@ -1560,8 +1573,9 @@ mod tests {
                 Require::Authenticated,
                 Require::Authcrypt,
             ] {
-                let a = run(fast.verify(text.as_bytes(), req, now()));
-                let b = run(slow.verify(text.as_bytes(), req, now()));
+                let t = now();
+                let a = run(fast.verify(text.as_bytes(), req, t));
+                let b = run(slow.verify(text.as_bytes(), req, t));
                 assert_eq!(format!("{a:?}"), format!("{b:?}"), "{name} on {req:?}");
                 if matches!(a, Verdict::Accept(_)) {
                     accepted.push(name);
@@ -1573,9 +1587,11 @@ mod tests {
         for req in [Require::Any, Require::Signed, Require::Authenticated] {
             let items: Vec<(&[u8], Require)> =
                 variants.iter().map(|(_, t)| (t.as_bytes(), req)).collect();
-            let together = run(fast.verify_many(&items, now()));
+            // One hub time for both: a second boundary between them would change the texts.
+            let t = now();
+            let together = run(fast.verify_many(&items, t)).verdicts;
             for ((name, text), a) in variants.iter().zip(together) {
-                let b = run(slow.verify(text.as_bytes(), req, now()));
+                let b = run(slow.verify(text.as_bytes(), req, t));
                 let name = name.as_ref();
                 assert_eq!(
                     format!("{a:?}"),
@@ -2217,7 +2233,12 @@ mod tests {
                 .iter()
                 .map(|t| (t.as_bytes(), Require::Signed))
                 .collect();
-            let verdicts = run(fast.verify_many(&batch, now()));
+            let many = run(fast.verify_many(&batch, now()));
+            assert_eq!(
+                many.batchable, 3,
+                "the three good ones: the small-order R is refused before batching"
+            );
+            let verdicts = many.verdicts;
             assert!(
                 matches!(verdicts[0], Verdict::Accept(_)),
                 "{:?}",
