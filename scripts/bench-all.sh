@@ -2,7 +2,7 @@
 # Every measurement behind BENCHMARKS.md, in order, each printed as the table `didhub bench`
 # prints (and saved in $OUT, default ./bench-results/<UTC time>/).
 #
-#   scripts/bench-all.sh            # everything (about 15 minutes on 2 cores)
+#   scripts/bench-all.sh            # everything (about 10 minutes on 2 cores)
 #   QUICK=1 scripts/bench-all.sh    # smaller N everywhere (about 3 minutes), for a smoke run
 #
 # Needs mosquitto and victoria-metrics (scripts/test.sh installs both). Run it on an otherwise
@@ -35,10 +35,18 @@ run inproc-signed-w2-no-fast-path "$B" bench --in-process --mode signed --worker
 run inproc-authcrypt-w2 "$B" bench --in-process --mode authcrypt --workers 2 -n "$(q 50000 10000)" --bare-limit 20000
 run inproc-authcrypt-w1 "$B" bench --in-process --mode authcrypt --workers 1 -n "$(q 50000 10000)" --bare-limit 20000
 run inproc-plaintext-w2 "$B" bench --in-process --mode plaintext --workers 2 -n "$(q 200000 50000)" --bare-limit 50000
+# The pipeline at a moderate rate, posts arriving at random (Poisson): ordered and random ids.
+run inproc-signed-w2-5k "$B" bench --in-process --mode signed --workers 2 --rate 5000 -n "$(q 50000 10000)" --bare-limit 10000
+run inproc-signed-w2-5k-random-ids "$B" bench --in-process --mode signed --workers 2 --rate 5000 -n "$(q 50000 10000)" --bare-limit 10000 --random-ids
 
 # Targets 1, 3 and 6: end to end through mosquitto.
 run e2e-signed-full scripts/bench-e2e.sh -- --mode signed -n "$(q 100000 20000)" --bare-limit 20000
-run e2e-signed-5k scripts/bench-e2e.sh -- --mode signed -n "$(q 50000 10000)" --rate 5000 --bare-limit 5000
+# At 5k/s the ratio moves by ±0.1 between runs on this machine: three runs, and one with
+# random (UUIDv4) message ids instead of ordered ones.
+for i in 1 2 3; do
+    run "e2e-signed-5k-$i" scripts/bench-e2e.sh -- --mode signed -n "$(q 50000 10000)" --rate 5000 --bare-limit 5000
+done
+run e2e-signed-5k-random-ids scripts/bench-e2e.sh -- --mode signed -n "$(q 50000 10000)" --rate 5000 --bare-limit 5000 --random-ids
 run e2e-signed-10k-rss scripts/bench-e2e.sh -- --mode signed -n "$(q 200000 20000)" --rate 10000 --bare-limit 5000
 run e2e-signed-15k-60s scripts/bench-e2e.sh -- --mode signed -n "$(q 900000 30000)" --rate 15000 --bare-limit 5000
 run e2e-authcrypt-full scripts/bench-e2e.sh --require authenticated -- --mode authcrypt -n "$(q 40000 10000)" --bare-limit 20000

@@ -77,6 +77,10 @@ pub struct BenchArgs {
     /// to grow at moderate rates; 0: never).
     #[arg(long, default_value_t = 1.0)]
     pub verify_linger_ms: f64,
+    /// Message ids at random (`{prefix}-{UUIDv4}-{index}`) instead of in order
+    /// (`{prefix}-{index:09}`, increasing like UUIDv7 or ULID ids).
+    #[arg(long)]
+    pub random_ids: bool,
     /// `pipeline.queue` in process.
     #[arg(long, default_value_t = 1024)]
     pub queue: usize,
@@ -266,7 +270,8 @@ pub struct Post {
 /// Posts generated before timing.
 #[derive(Debug)]
 pub struct Corpus {
-    /// Message ids are `{prefix}-{index:09}`: unique to this run.
+    /// Message ids are `{prefix}-{index:09}` (`{prefix}-{UUIDv4}-{index}` with `--random-ids`):
+    /// unique to this run.
     pub prefix: String,
     /// The posts, in publish order.
     pub posts: Vec<Post>,
@@ -334,6 +339,7 @@ pub fn generate(args: &BenchArgs, hub: Identity) -> Result<Corpus, String> {
                     (&devices, &hub, &prefix, &done, &failed);
                 let range = (t * chunk).min(n)..((t + 1) * chunk).min(n);
                 let payload_bytes = args.payload_bytes;
+                let random_ids = args.random_ids;
                 let mode = args.mode;
                 s.spawn(move || -> Result<Vec<Post>, String> {
                     let mut out = Vec::with_capacity(range.len());
@@ -342,7 +348,12 @@ pub fn generate(args: &BenchArgs, hub: Identity) -> Result<Corpus, String> {
                             return Err("stopped".into());
                         }
                         let device = i % devices.len();
-                        let id = format!("{prefix}-{i:09}");
+                        let id = if random_ids {
+                            // Random first, the index last (the harness reads it back).
+                            format!("{prefix}-{}-{i}", uuid::Uuid::new_v4().simple())
+                        } else {
+                            format!("{prefix}-{i:09}")
+                        };
                         let packed = futures::executor::block_on(verify::pack_post(
                             &devices[device],
                             &hub.did,
@@ -1049,6 +1060,7 @@ pub async fn run_end_to_end(
                     let index = id
                         .strip_prefix(prefix.as_str())
                         .and_then(|r| r.strip_prefix('-'))
+                        .and_then(|r| r.rsplit('-').next())
                         .and_then(|i| i.parse::<usize>().ok());
                     if let Some(i) = index {
                         seen.push((i, at, ts));
@@ -1681,6 +1693,7 @@ mod tests {
             max_batch: 16,
             linger_ms: 2.0,
             verify_linger_ms: 1.0,
+            random_ids: false,
             queue: 8,
             no_fast_path: false,
             no_batch_verify: false,
@@ -1703,11 +1716,14 @@ mod tests {
         assert!(r.exactly_once, "{r:?}");
         assert_eq!((r.accepted, r.rejected), (40, 0));
         assert!(r.verify_batch_mean >= 1.0, "{r:?}");
-        // Paced (Poisson arrivals): the same posts, committed once each.
+        // Paced (Poisson arrivals), with random ids: committed once each.
         let paced = BenchArgs {
             rate: Some(2000.0),
+            random_ids: true,
             ..args.clone()
         };
+        let corpus = generate(&paced, Identity::generate(DidMethod::Key)).unwrap();
+        assert!(corpus.posts.len() == 40);
         let p = run_in_process(&paced, &corpus).unwrap();
         assert!(p.exactly_once, "{p:?}");
         assert_eq!((p.accepted, p.rate), (40, Some(2000.0)));

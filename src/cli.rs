@@ -378,7 +378,8 @@ pub async fn send_with(plan: SendPlan, conn: &Connection) -> Result<SendSummary,
         if let (Some(f), Value::Object(m)) = (&plan.seq_field, &mut payload) {
             m.insert(f.clone(), Value::from(plan.seq_start + i));
         }
-        let id = uuid::Uuid::new_v4().to_string();
+        // Time-ordered ids (UUIDv7): the hub's replay index appends them (README, "Message ids").
+        let id = uuid::Uuid::now_v7().to_string();
         let packed = pack_post(&plan.device, &plan.to, &id, payload, plan.mode, now_secs()).await?;
         // The request queue is bounded: while the broker is away it fills and publish waits.
         let response = plan.response_topic.as_deref().map(|t| (t, id.as_str()));

@@ -98,13 +98,19 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    // The replay index is keyed by message id first: when devices use time-ordered ids (UUIDv7,
+    // ULID), a commit's new entries land together at the end of the index instead of one
+    // per sender across it, and the commit writes a few pages instead of one per message.
+    // Measured in process, signed, Poisson arrivals at 5k/s: the committer's CPU fell from
+    // 33-36 to 23-24 µs/post with ordered ids; with random ids (UUIDv4) it is 35 either way.
+    // Stores made before this keep (sender, msg_id): the statements work on both.
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS seen (
              sender TEXT NOT NULL,
              msg_id TEXT NOT NULL,
              hash BLOB NOT NULL,
              received_ns INTEGER NOT NULL,
-             PRIMARY KEY (sender, msg_id)
+             PRIMARY KEY (msg_id, sender)
          ) WITHOUT ROWID;
          CREATE INDEX IF NOT EXISTS seen_age ON seen(received_ns);
          CREATE TABLE IF NOT EXISTS points (
@@ -542,16 +548,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn duplicates_and_replays_are_told_apart() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = open(&dir.path().join("t.db")).unwrap();
+    /// Duplicates, replays and the same id from another sender, on the store at `path`.
+    fn tells_apart(path: &Path) {
+        let mut c = open(path).unwrap();
         let (a, b, a2, a3) = (
             commit("a", 1, Sink::Embedded),
             commit("b", 1, Sink::Embedded),
             commit("a", 1, Sink::Embedded),
             commit("a", 2, Sink::Embedded),
         );
+        let other = Commit {
+            sender: "did:key:z2".into(),
+            ..commit("a", 1, Sink::Embedded)
+        };
         let r = commit_batch(&mut c, &[&a, &b, &a2]).unwrap();
         assert_eq!(
             r.results,
@@ -561,10 +570,48 @@ mod tests {
                 CommitResult::Duplicate
             ]
         );
-        let r = commit_batch(&mut c, &[&a3]).unwrap();
-        assert_eq!(r.results, vec![CommitResult::ReplayMismatch]);
-        assert_eq!(query_points(&c, Some("m"), 0, 100).unwrap().len(), 2);
-        assert_eq!(expire_seen(&c, 11).unwrap(), 2);
+        let r = commit_batch(&mut c, &[&a3, &other]).unwrap();
+        assert_eq!(
+            r.results,
+            vec![CommitResult::ReplayMismatch, CommitResult::Stored]
+        );
+        assert_eq!(query_points(&c, Some("m"), 0, 100).unwrap().len(), 3);
+        assert_eq!(expire_seen(&c, 11).unwrap(), 3);
+    }
+
+    #[test]
+    fn duplicates_and_replays_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        tells_apart(&dir.path().join("t.db"));
+    }
+
+    #[test]
+    fn a_store_with_the_replay_index_keyed_by_sender_first_still_works() {
+        // The layout of stores made before the index was keyed by message id first.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE seen (
+                     sender TEXT NOT NULL,
+                     msg_id TEXT NOT NULL,
+                     hash BLOB NOT NULL,
+                     received_ns INTEGER NOT NULL,
+                     PRIMARY KEY (sender, msg_id)
+                 ) WITHOUT ROWID;",
+            )
+            .unwrap();
+        tells_apart(&path);
+        let sql: String = open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'seen'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(sql.contains("PRIMARY KEY (sender, msg_id)"), "{sql}");
     }
 
     #[test]
