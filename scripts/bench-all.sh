@@ -3,7 +3,7 @@
 # prints (and saved in $OUT, default ./bench-results/<UTC time>/).
 #
 #   scripts/bench-all.sh            # everything (about 10 minutes on 2 cores)
-#   QUICK=1 scripts/bench-all.sh    # smaller N everywhere (about 3 minutes), for a smoke run
+#   QUICK=1 scripts/bench-all.sh    # smaller N everywhere (a few minutes), for a smoke run
 #
 # Needs mosquitto and victoria-metrics (scripts/test.sh installs both). Run it on an otherwise
 # idle machine: the load average is printed with every figure.
