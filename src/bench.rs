@@ -79,8 +79,13 @@ pub struct BenchArgs {
     pub verify_linger_ms: f64,
     /// Message ids at random (`{prefix}-{UUIDv4}-{index}`) instead of in order
     /// (`{prefix}-{index:09}`, increasing like UUIDv7 or ULID ids).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "id_clock_skew_ms")]
     pub random_ids: bool,
+    /// Message ids ordered by each device's clock, as UUIDv7 ids are, with the devices' clocks
+    /// up to ±this many ms apart (`{prefix}-{device time, µs}-{index}`; the device time is when
+    /// the post is due at `--rate`, default 10k/s, plus its device's fixed offset).
+    #[arg(long)]
+    pub id_clock_skew_ms: Option<f64>,
     /// `pipeline.queue` in process.
     #[arg(long, default_value_t = 1024)]
     pub queue: usize,
@@ -312,6 +317,13 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Device `d`'s clock offset, µs: spread evenly (by a fixed permutation) over ±`skew`.
+fn clock_offset(d: usize, skew: f64) -> f64 {
+    // Knuth's multiplicative hash: a fixed, well-spread fraction in [0, 1) per device.
+    let u = (d as u32).wrapping_mul(2_654_435_761) as f64 / 2f64.powi(32);
+    (2.0 * u - 1.0) * skew
+}
+
 /// Generates the posts on every core, with a progress line on stderr.
 pub fn generate(args: &BenchArgs, hub: Identity) -> Result<Corpus, String> {
     let started = Instant::now();
@@ -340,6 +352,8 @@ pub fn generate(args: &BenchArgs, hub: Identity) -> Result<Corpus, String> {
                 let range = (t * chunk).min(n)..((t + 1) * chunk).min(n);
                 let payload_bytes = args.payload_bytes;
                 let random_ids = args.random_ids;
+                let skew_us = args.id_clock_skew_ms.map(|ms| ms * 1e3);
+                let rate = args.rate.unwrap_or(10_000.0);
                 let mode = args.mode;
                 s.spawn(move || -> Result<Vec<Post>, String> {
                     let mut out = Vec::with_capacity(range.len());
@@ -351,6 +365,10 @@ pub fn generate(args: &BenchArgs, hub: Identity) -> Result<Corpus, String> {
                         let id = if random_ids {
                             // Random first, the index last (the harness reads it back).
                             format!("{prefix}-{}-{i}", uuid::Uuid::new_v4().simple())
+                        } else if let Some(skew) = skew_us {
+                            let at = i as f64 / rate * 1e6 + clock_offset(device, skew);
+                            // Fixed width and positive, so that text order is time order.
+                            format!("{prefix}-{:016}-{i}", (at + 1e12) as u64)
                         } else {
                             format!("{prefix}-{i:09}")
                         };
@@ -1709,6 +1727,17 @@ mod tests {
     }
 
     #[test]
+    fn device_clock_offsets_spread_over_the_skew() {
+        let offsets: Vec<f64> = (0..100).map(|d| clock_offset(d, 1000.0)).collect();
+        assert!(offsets.iter().all(|o| (-1000.0..1000.0).contains(o)));
+        let (min, max) = offsets
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), &o| (a.min(o), b.max(o)));
+        assert!(min < -900.0 && max > 900.0, "{min} {max}");
+        assert_eq!(clock_offset(7, 0.0), 0.0);
+    }
+
+    #[test]
     fn the_faster_bare_run_is_the_denominator() {
         let run = |cpu: f64| BareReport {
             count: 10,
@@ -1753,6 +1782,7 @@ mod tests {
             linger_ms: 2.0,
             verify_linger_ms: 1.0,
             random_ids: false,
+            id_clock_skew_ms: None,
             queue: 8,
             no_fast_path: false,
             no_batch_verify: false,
@@ -1786,6 +1816,14 @@ mod tests {
         let p = run_in_process(&paced, &corpus).unwrap();
         assert!(p.exactly_once, "{p:?}");
         assert_eq!((p.accepted, p.rate), (40, Some(2000.0)));
+        // Ids by skewed device clocks (UUIDv7-like): committed once each.
+        let skewed = BenchArgs {
+            id_clock_skew_ms: Some(50.0),
+            ..args.clone()
+        };
+        let corpus = generate(&skewed, Identity::generate(DidMethod::Key)).unwrap();
+        let s = run_in_process(&skewed, &corpus).unwrap();
+        assert!(s.exactly_once && s.accepted == 40, "{s:?}");
         let b = bare_unpack(&corpus, args.bare_limit);
         assert_eq!((b.count, b.failed), (10, 0));
         assert!(render_table(&BenchReport {
