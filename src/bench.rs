@@ -275,8 +275,8 @@ pub struct Post {
 /// Posts generated before timing.
 #[derive(Debug)]
 pub struct Corpus {
-    /// Message ids are `{prefix}-{index:09}` (`{prefix}-{UUIDv4}-{index}` with `--random-ids`):
-    /// unique to this run.
+    /// Message ids are `{prefix}-{index:09}` (`{prefix}-{UUIDv4}-{index}` with `--random-ids`,
+    /// `{prefix}-{device time µs:016}-{index}` with `--id-clock-skew-ms`): unique to this run.
     pub prefix: String,
     /// The posts, in publish order.
     pub posts: Vec<Post>,
@@ -803,8 +803,7 @@ fn run_in_dir(
         batches,
         mean_batch: accepted as f64 / batches.max(1) as f64,
         rate: args.rate,
-        verify_batch_mean: stats.verify_batched.load(Ordering::Relaxed) as f64
-            / stats.verify_batches.load(Ordering::Relaxed).max(1) as f64,
+        verify_batch_mean: stats.verify_batch_size.mean(),
         did_cache_hits: hits,
         did_cache_misses: misses,
         fast_path: !args.no_fast_path,

@@ -7,7 +7,7 @@
 //! problem-report code (`code`, one of nine) or an HTTP status number or `connect` (`status`).
 //! Never a DID or a topic.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
@@ -103,20 +103,36 @@ impl SecondsHistogram {
     }
 }
 
-/// A histogram of sizes (counts of things).
+/// A histogram of sizes (counts of things), which also tells its mean in process (the
+/// Prometheus histogram only exports it).
 #[derive(Debug, Clone)]
-pub struct SizeHistogram(Histogram);
+pub struct SizeHistogram {
+    hist: Histogram,
+    /// Observations, and their sum.
+    count_sum: Arc<(AtomicU64, AtomicU64)>,
+}
 
 impl Default for SizeHistogram {
     fn default() -> Self {
-        SizeHistogram(Histogram::new(SIZE_BUCKETS))
+        SizeHistogram {
+            hist: Histogram::new(SIZE_BUCKETS),
+            count_sum: Arc::default(),
+        }
     }
 }
 
 impl SizeHistogram {
     /// Records one size.
     pub fn observe(&self, n: usize) {
-        self.0.observe(n as f64);
+        self.hist.observe(n as f64);
+        self.count_sum.0.fetch_add(1, Ordering::Relaxed);
+        self.count_sum.1.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// The mean of the sizes observed (0 before the first).
+    pub fn mean(&self) -> f64 {
+        let count = self.count_sum.0.load(Ordering::Relaxed);
+        self.count_sum.1.load(Ordering::Relaxed) as f64 / count.max(1) as f64
     }
 }
 
@@ -228,12 +244,12 @@ impl Sources {
         r.register(
             VERIFY_BATCH_SIZE,
             "Messages a verify worker took off the queue and verified together",
-            self.stats.verify_batch_size.0.clone(),
+            self.stats.verify_batch_size.hist.clone(),
         );
         r.register(
             COMMIT_BATCH_SIZE,
             "Messages committed in one SQLite transaction",
-            self.stats.commit_batch_size.0.clone(),
+            self.stats.commit_batch_size.hist.clone(),
         );
         r.register(
             SHIP_SECONDS,
@@ -425,6 +441,15 @@ mod tests {
             store: StoreKind::Embedded,
             broker: "mqtt://127.0.0.1:1883".into(),
         }
+    }
+
+    #[test]
+    fn a_size_histogram_tells_its_mean() {
+        let h = SizeHistogram::default();
+        assert_eq!(h.mean(), 0.0);
+        h.observe(7);
+        h.clone().observe(2);
+        assert_eq!(h.mean(), 4.5);
     }
 
     #[test]

@@ -108,10 +108,6 @@ pub struct Stats {
     pub commit_batch_size: crate::metrics::SizeHistogram,
     /// Messages per verify batch (taken off the queue together).
     pub verify_batch_size: crate::metrics::SizeHistogram,
-    /// Verify batches, and the messages in them (the histogram's count and sum).
-    pub verify_batches: AtomicU64,
-    /// Messages taken off the queue in verify batches.
-    pub verify_batched: AtomicU64,
     /// Committer loop turns (batches, heartbeats, budget waits): the systemd watchdog pings
     /// only while this advances.
     pub heartbeats: AtomicU64,
@@ -823,12 +819,7 @@ pub fn spawn_workers(
                 .name(format!("verify-{i}"))
                 .spawn(move || {
                     while let Some(batch) = gather.next() {
-                        let stats = &shared.stats;
-                        stats.verify_batch_size.observe(batch.len());
-                        stats.verify_batches.fetch_add(1, Ordering::Relaxed);
-                        stats
-                            .verify_batched
-                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        shared.stats.verify_batch_size.observe(batch.len());
                         let (work, batchable) = shared.process_batch(batch);
                         gather.verified(batchable);
                         for w in work {
