@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::Value;
 
 use crate::config::{parse_broker_url, Config, MqttConfig, MqttProtocol, Secret, TlsConfig};
@@ -101,15 +101,6 @@ impl SendClient {
             SendClient::V5(c) => tokio::time::timeout(wait, c.disconnect()).await.map(|_| ()),
         };
     }
-}
-
-/// What `send`'s event loop saw.
-enum SendEvent {
-    Connected,
-    Acked,
-    Disconnected,
-    Failed(String),
-    Other,
 }
 
 /// How `send` authenticates to the broker and secures the connection (`mqtts://` URLs).
@@ -262,39 +253,22 @@ pub async fn send_with(plan: SendPlan, conn: &Connection) -> Result<SendSummary,
     let (conn_tx, mut conn_rx) = tokio::sync::watch::channel(None::<Result<(), String>>);
     let acked2 = acked.clone();
     let poll = tokio::spawn(async move {
+        use crate::mqtt::Ev;
         loop {
-            let event = match &mut eventloop {
-                crate::mqtt::EventLoop::V4(el) => match el.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => SendEvent::Connected,
-                    Ok(Event::Incoming(Packet::PubAck(_))) => SendEvent::Acked,
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => SendEvent::Disconnected,
-                    Ok(_) => SendEvent::Other,
-                    Err(e) => SendEvent::Failed(crate::mqtt::classify_v4(&e).describe(&broker)),
-                },
-                crate::mqtt::EventLoop::V5(el) => {
-                    use rumqttc::v5::{mqttbytes::v5::Packet as P5, Event as E5};
-                    match el.poll().await {
-                        Ok(E5::Incoming(P5::ConnAck(_))) => SendEvent::Connected,
-                        Ok(E5::Incoming(P5::PubAck(_))) => SendEvent::Acked,
-                        Ok(E5::Outgoing(rumqttc::Outgoing::Disconnect)) => SendEvent::Disconnected,
-                        Ok(_) => SendEvent::Other,
-                        Err(e) => SendEvent::Failed(crate::mqtt::classify_v5(&e).describe(&broker)),
-                    }
-                }
-            };
-            match event {
-                SendEvent::Connected => {
+            match eventloop.next().await {
+                Ev::Connected { .. } => {
                     let _ = conn_tx.send(Some(Ok(())));
                 }
-                SendEvent::Acked => {
+                Ev::Acked => {
                     acked2.fetch_add(1, Ordering::Relaxed);
                 }
-                SendEvent::Disconnected => return,
-                SendEvent::Other => {}
-                SendEvent::Failed(why) => {
-                    let _ = conn_tx.send(Some(Err(why)));
+                Ev::Disconnected => return,
+                Ev::Failed(f) => {
+                    let _ = conn_tx.send(Some(Err(f.describe(&broker))));
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
+                // `send` subscribes to nothing.
+                Ev::SubscriptionRefused | Ev::Publish(_) | Ev::Other => {}
             }
         }
     });

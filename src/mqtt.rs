@@ -340,8 +340,8 @@ fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Failure {
     }
 }
 
-/// What an MQTT 3.1.1 connection error means (also used by `didhub send`).
-pub fn classify_v4(e: &ConnectionError) -> Failure {
+/// What an MQTT 3.1.1 connection error means.
+fn classify_v4(e: &ConnectionError) -> Failure {
     use rumqttc::ConnectReturnCode as C;
     match e {
         ConnectionError::RequestsDone => Failure::Done,
@@ -355,7 +355,8 @@ pub fn classify_v4(e: &ConnectionError) -> Failure {
     }
 }
 
-pub fn classify_v5(e: &v5::ConnectionError) -> Failure {
+/// What an MQTT 5 connection error means.
+fn classify_v5(e: &v5::ConnectionError) -> Failure {
     use v5::mqttbytes::v5::ConnectReturnCode as C;
     use v5::ConnectionError as E;
     match e {
@@ -370,17 +371,21 @@ pub fn classify_v5(e: &v5::ConnectionError) -> Failure {
     }
 }
 
-/// One event of either protocol, reduced to what the poll task acts on.
-enum Ev {
-    Connected { session_present: bool },
+/// One event of either protocol, reduced to what the hub's poll task and `didhub send` act on.
+pub(crate) enum Ev {
+    Connected {
+        session_present: bool,
+    },
     SubscriptionRefused,
     Publish(Received),
+    /// A PUBACK for one of our own publishes.
+    Acked,
     Disconnected,
     Failed(Failure),
     Other,
 }
 
-struct Received {
+pub(crate) struct Received {
     topic: String,
     payload: Bytes,
     response_topic: Option<String>,
@@ -389,7 +394,7 @@ struct Received {
 }
 
 impl EventLoop {
-    async fn next(&mut self) -> Ev {
+    pub(crate) async fn next(&mut self) -> Ev {
         match self {
             EventLoop::V4(el) => {
                 use rumqttc::{Event, Packet};
@@ -422,6 +427,7 @@ impl EventLoop {
                             ack,
                         })
                     }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => Ev::Acked,
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => Ev::Disconnected,
                     Ok(_) => Ev::Other,
                     Err(e) => Ev::Failed(classify_v4(&e)),
@@ -464,6 +470,7 @@ impl EventLoop {
                             ack,
                         })
                     }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => Ev::Acked,
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => Ev::Disconnected,
                     Ok(_) => Ev::Other,
                     Err(e) => Ev::Failed(classify_v5(&e)),
@@ -600,7 +607,7 @@ pub async fn poll_loop(
                 tracing::info!("disconnected from the broker");
                 return;
             }
-            Ev::Other => {}
+            Ev::Acked | Ev::Other => {}
             Ev::Failed(Failure::Done) => {
                 link.connected.store(false, Ordering::Relaxed);
                 return;
