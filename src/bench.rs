@@ -729,6 +729,13 @@ fn run_in_dir(
                     ack: None,
                     received_ns: crate::now_ns(),
                 };
+                if in_tx.is_full() {
+                    // As the MQTT task does: top the queue up in bursts (see
+                    // `pipeline::backlogged`).
+                    while pipeline::backlogged(&in_tx) {
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                }
                 if in_tx.send(m).is_err() {
                     break;
                 }

@@ -598,6 +598,14 @@ pub async fn poll_loop(
                     received_ns: crate::now_ns(),
                 };
                 seq += 1;
+                if sender.is_full() {
+                    // Overloaded: let the workers take half the queue, then top it up, rather
+                    // than be woken for each message they take (see `pipeline::backlogged`).
+                    // The broker holds the rest meanwhile.
+                    while crate::pipeline::backlogged(&sender) {
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                }
                 if sender.send_async(inbound).await.is_err() {
                     tracing::debug!("pipeline closed; message left unacknowledged");
                 }

@@ -40,7 +40,10 @@ fn sigkill_while_receiving_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mq = Mosquitto::start();
+    // A small queue: under this load it is full again and again, and the MQTT task waits for
+    // the workers to take half of it before it tops it up (`pipeline::backlogged`).
     let cfg = HubConfig::new(d, &mq.url())
+        .queue(8)
         .routes(
             "[[routes]]\ntopics = [\"devices/+/telemetry\"]\nrequire = \"signed\"\n\
              measurement = \"telemetry\"\n",

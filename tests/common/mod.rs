@@ -1760,6 +1760,7 @@ pub struct HubConfig {
     stats_interval: Option<String>,
     http_listen: String,
     workers: Option<usize>,
+    queue: Option<usize>,
     shutdown_timeout: Option<String>,
     influxdb_url: Option<String>,
     influxdb_retry_min: String,
@@ -1780,6 +1781,7 @@ impl HubConfig {
             stats_interval: None,
             http_listen: String::new(),
             workers: None,
+            queue: None,
             shutdown_timeout: None,
             influxdb_url: None,
             influxdb_retry_min: "50ms".into(),
@@ -1816,6 +1818,12 @@ impl HubConfig {
     /// `pipeline.workers` (one per core otherwise).
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = Some(workers);
+        self
+    }
+
+    /// `pipeline.queue`.
+    pub fn queue(mut self, messages: usize) -> Self {
+        self.queue = Some(messages);
         self
     }
 
@@ -1870,11 +1878,14 @@ impl HubConfig {
         );
         t.push_str("[broker]\nembedded = false\n");
         let _ = writeln!(t, "[http]\nlisten = \"{}\"", self.http_listen);
-        if self.workers.is_some() || self.shutdown_timeout.is_some() {
+        if self.workers.is_some() || self.queue.is_some() || self.shutdown_timeout.is_some() {
             t.push_str("[pipeline]\n");
         }
         if let Some(workers) = self.workers {
             let _ = writeln!(t, "workers = {workers}");
+        }
+        if let Some(queue) = self.queue {
+            let _ = writeln!(t, "queue = {queue}");
         }
         if let Some(timeout) = &self.shutdown_timeout {
             let _ = writeln!(t, "shutdown_timeout = \"{timeout}\"");
