@@ -264,10 +264,15 @@ impl Checkpointer {
     pub fn committed(&self, writer: &Connection) {
         let (lock, wake) = &*self.state;
         let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
-        st.dirty = true;
+        // Only a thread waiting for something to be written needs waking. While it lets
+        // commits gather it wakes by itself, and a wake-up then would only put it back to
+        // sleep: one futex wake and two context switches per commit for nothing.
+        let asleep = !std::mem::replace(&mut st.dirty, true);
         let finish = std::mem::take(&mut st.writer_finishes);
         drop(st);
-        wake.notify_one();
+        if asleep {
+            wake.notify_one();
+        }
         // If it cannot complete (the thread is checkpointing), the thread asks again.
         if finish {
             if let Err(e) = checkpoint(writer) {
