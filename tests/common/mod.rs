@@ -435,57 +435,160 @@ fn address_in_use(log: &Log) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
-// mosquitto
+// Servers the tests start (mosquitto here, VictoriaMetrics below)
 // ---------------------------------------------------------------------------------------------
 
-/// A mosquitto 2.0 broker on 127.0.0.1 with anonymous access, unlimited queues and persistence in
-/// its own temporary directory (so `stop` + `start_again` keeps sessions and queued messages).
-pub struct Mosquitto {
-    /// The TCP port of the MQTT listener.
+/// What sets one kind of test server apart: its name, how it starts on a port with its files in
+/// a directory, and how to tell that it serves.
+pub trait ServerKind {
+    /// For logs and panics.
+    const NAME: &'static str;
+    /// The command that starts it on `port` with its files in `dir` (it may write them there).
+    fn command(&self, port: u16, dir: &Path) -> Command;
+    /// Whether the server on `port` serves.
+    fn ready(port: u16) -> bool;
+}
+
+/// A server of kind `K` started by a test on a free 127.0.0.1 port, its files in a temporary
+/// directory of its own. Stopped by PID (SIGTERM, then SIGKILL) by `stop`, and when dropped,
+/// before its directory is removed.
+pub struct Server<K: ServerKind> {
+    /// The port it listens on.
     pub port: u16,
     dir: TempDir,
-    extra_conf: String,
+    kind: K,
     log: Log,
     proc: Option<Proc>,
 }
 
-impl Mosquitto {
-    /// Starts a broker with the default test config and waits until it accepts connections.
-    pub fn start() -> Mosquitto {
-        Self::start_with("")
-    }
-
-    /// Like `start`, with `extra_conf` appended to the config file (TLS, password files, ...).
-    /// Files it names can be put in `dir()`.
-    pub fn start_with(extra_conf: &str) -> Mosquitto {
+impl<K: ServerKind> Server<K> {
+    /// Starts it and waits until it serves; if another process took the port meanwhile, starts
+    /// it again on another.
+    fn launch(kind: K) -> Self {
         let dir = tempfile::Builder::new()
-            .prefix("didhub-mosquitto-")
+            .prefix(&format!("didhub-{}-", K::NAME))
             .tempdir()
-            .expect("temp dir for mosquitto");
-        let mut broker = Mosquitto {
+            .unwrap_or_else(|e| panic!("temp dir for {}: {e}", K::NAME));
+        let mut server = Server {
             port: 0,
             dir,
-            extra_conf: extra_conf.to_owned(),
+            kind,
             log: Log::default(),
             proc: None,
         };
         for attempt in 1..=PORT_ATTEMPTS {
-            broker.port = free_port();
-            match broker.spawn() {
-                Ok(()) => return broker,
-                Err(status) if attempt < PORT_ATTEMPTS && address_in_use(&broker.log) => {
-                    broker.log.push(format!(
+            server.port = free_port();
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(status) if attempt < PORT_ATTEMPTS && address_in_use(&server.log) => {
+                    server.log.push(format!(
                         "[harness] port {} taken ({status}), retrying on another",
-                        broker.port
+                        server.port
                     ));
                 }
-                Err(status) => broker.died(status),
+                Err(status) => server.died(status),
             }
         }
         unreachable!()
     }
 
-    fn config(&self) -> String {
+    fn spawn(&mut self) -> Result<(), ExitStatus> {
+        self.log.push(format!(
+            "[harness] starting {} on port {}",
+            K::NAME,
+            self.port
+        ));
+        let mut cmd = self.kind.command(self.port, self.dir.path());
+        cmd.current_dir(self.dir.path());
+        let mut proc = Proc::spawn(K::NAME, &mut cmd, &self.log, None);
+        let port = self.port;
+        let result = wait_ready(K::NAME, &mut proc, &self.log, START_TIMEOUT, || {
+            K::ready(port)
+        });
+        if result.is_ok() {
+            self.proc = Some(proc);
+        }
+        result
+    }
+
+    fn died(&self, status: ExitStatus) -> ! {
+        panic!(
+            "{} on port {} exited during start-up ({status}); its log:\n{}",
+            K::NAME,
+            self.port,
+            self.log.tail()
+        );
+    }
+
+    /// The temporary directory with its files (config, persistence, data).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// PID of the running server, `None` when stopped.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// Everything the server logged, over all its runs.
+    pub fn logs(&self) -> Vec<String> {
+        self.log.lines()
+    }
+
+    /// The server's log handle (for `count`, `find_from`, `tail`).
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// SIGTERM and wait (mosquitto writes its persistence file, VictoriaMetrics flushes to
+    /// disk); SIGKILL after 15 s.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        let status = self.proc.take().map(|mut p| p.stop(STOP_GRACE));
+        self.log
+            .push(format!("[harness] {} stopped: {status:?}", K::NAME));
+        status
+    }
+
+    /// SIGKILL: a crash, nothing is saved since the server's last write to disk.
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+        self.log
+            .push(format!("[harness] {} killed (SIGKILL)", K::NAME));
+    }
+
+    /// Starts it again on the same port with the same directory (mosquitto keeps its persisted
+    /// sessions, VictoriaMetrics its data). Stops it first if it is running.
+    pub fn start_again(&mut self) {
+        if self.proc.is_some() {
+            self.stop();
+        }
+        if let Err(status) = self.spawn() {
+            self.died(status);
+        }
+    }
+}
+
+impl<K: ServerKind> Drop for Server<K> {
+    /// Stops the server before its directory is removed (fields drop after this).
+    fn drop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop(DROP_GRACE);
+        }
+    }
+}
+
+/// mosquitto 2.0 with anonymous access, unlimited queues and persistence in its directory (so
+/// `stop` + `start_again` keeps sessions and queued messages), and `extra_conf` appended.
+pub struct MosquittoConf {
+    extra_conf: String,
+}
+
+impl ServerKind for MosquittoConf {
+    const NAME: &'static str = "mosquitto";
+
+    fn command(&self, port: u16, dir: &Path) -> Command {
         let mut conf = format!(
             "# written by tests/common/mod.rs\n\
              listener {port} 127.0.0.1\n\
@@ -497,8 +600,7 @@ impl Mosquitto {
              log_dest stderr\n\
              log_type all\n\
              log_timestamp_format %H:%M:%S\n",
-            port = self.port,
-            dir = self.dir.path().display(),
+            dir = dir.display(),
         );
         if running_as_root() {
             // Started as root it drops to `mosquitto`, which cannot write our temp dir.
@@ -506,96 +608,38 @@ impl Mosquitto {
         }
         conf.push_str(&self.extra_conf);
         conf.push('\n');
-        conf
-    }
-
-    fn spawn(&mut self) -> Result<(), ExitStatus> {
-        let conf_path = self.dir.path().join("mosquitto.conf");
-        std::fs::write(&conf_path, self.config()).expect("write mosquitto.conf");
-        self.log.push(format!(
-            "[harness] starting mosquitto on port {}",
-            self.port
-        ));
+        let conf_path = dir.join("mosquitto.conf");
+        std::fs::write(&conf_path, conf).expect("write mosquitto.conf");
         let mut cmd = Command::new(mosquitto_bin());
-        cmd.arg("-c").arg(&conf_path).current_dir(self.dir.path());
-        let mut proc = Proc::spawn("mosquitto", &mut cmd, &self.log, None);
-        let port = self.port;
-        let result = wait_ready("mosquitto", &mut proc, &self.log, START_TIMEOUT, || {
-            tcp_accepts(port)
-        });
-        if result.is_ok() {
-            self.proc = Some(proc);
-        }
-        result
+        cmd.arg("-c").arg(&conf_path);
+        cmd
     }
 
-    fn died(&self, status: ExitStatus) -> ! {
-        panic!(
-            "mosquitto on port {} exited during start-up ({status}); its log:\n{}",
-            self.port,
-            self.log.tail()
-        );
+    fn ready(port: u16) -> bool {
+        tcp_accepts(port)
+    }
+}
+
+/// A mosquitto 2.0 broker on 127.0.0.1 (see [`MosquittoConf`]).
+pub type Mosquitto = Server<MosquittoConf>;
+
+impl Server<MosquittoConf> {
+    /// Starts a broker with the default test config and waits until it accepts connections.
+    pub fn start() -> Mosquitto {
+        Self::start_with("")
+    }
+
+    /// Like `start`, with `extra_conf` appended to the config file (TLS, password files, ...).
+    /// Files it names can be put in `dir()`.
+    pub fn start_with(extra_conf: &str) -> Mosquitto {
+        Server::launch(MosquittoConf {
+            extra_conf: extra_conf.to_owned(),
+        })
     }
 
     /// `mqtt://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
-    }
-
-    /// The temporary directory with the config and the persistence file.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// PID of the running broker, `None` when stopped.
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.as_ref().map(Proc::pid)
-    }
-
-    /// Everything the broker logged, over all its runs.
-    pub fn logs(&self) -> Vec<String> {
-        self.log.lines()
-    }
-
-    /// The broker's log handle (for `count`, `find_from`, `tail`).
-    pub fn log(&self) -> &Log {
-        &self.log
-    }
-
-    /// SIGTERM and wait, so that mosquitto writes its persistence file; SIGKILL after 15 s.
-    pub fn stop(&mut self) -> Option<ExitStatus> {
-        let status = self.proc.take().map(|mut p| p.stop(STOP_GRACE));
-        self.log
-            .push(format!("[harness] mosquitto stopped: {status:?}"));
-        status
-    }
-
-    /// SIGKILL: a crash, nothing is saved since the last autosave.
-    pub fn kill9(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.kill9();
-        }
-        self.log.push("[harness] mosquitto killed (SIGKILL)");
-    }
-
-    /// Starts the broker again on the same port with the same directory (and so the same
-    /// persisted sessions). Stops it first if it is running.
-    pub fn start_again(&mut self) {
-        if self.proc.is_some() {
-            self.stop();
-        }
-        if let Err(status) = self.spawn() {
-            self.died(status);
-        }
-    }
-}
-
-impl Drop for Mosquitto {
-    /// Stops the broker before its directory is removed (fields drop after this).
-    fn drop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.stop(DROP_GRACE);
-        }
     }
 }
 
@@ -1106,17 +1150,36 @@ impl Series {
     }
 }
 
-/// A single-node VictoriaMetrics on 127.0.0.1, standing in for InfluxDB's `/api/v2/write`.
-pub struct Victoria {
-    /// The HTTP port.
-    pub port: u16,
-    dir: TempDir,
+/// A single-node VictoriaMetrics with `VICTORIA_FLAGS`, then `extra_flags` (a later flag
+/// overrides an earlier one of the same name), its data in its directory.
+pub struct VictoriaFlags {
     extra_flags: Vec<String>,
-    log: Log,
-    proc: Option<Proc>,
 }
 
-impl Victoria {
+impl ServerKind for VictoriaFlags {
+    const NAME: &'static str = "victoria-metrics";
+
+    fn command(&self, port: u16, dir: &Path) -> Command {
+        let mut cmd = Command::new(victoria_bin());
+        cmd.arg(format!("-httpListenAddr=127.0.0.1:{port}"))
+            .arg(format!("-storageDataPath={}", dir.join("data").display()))
+            .args(VICTORIA_FLAGS)
+            .args(&self.extra_flags);
+        cmd
+    }
+
+    fn ready(port: u16) -> bool {
+        http_get(port, "/health")
+            .map(|r| r.status == 200 && r.text().trim() == "OK")
+            .unwrap_or(false)
+    }
+}
+
+/// A single-node VictoriaMetrics on 127.0.0.1, standing in for InfluxDB's `/api/v2/write`.
+/// Rows it drops are only visible in its log (`logs`): writes still get 204.
+pub type Victoria = Server<VictoriaFlags>;
+
+impl Server<VictoriaFlags> {
     /// Starts VictoriaMetrics with `VICTORIA_FLAGS` and waits until `/health` answers OK.
     pub fn start() -> Victoria {
         Self::start_with(&[])
@@ -1124,118 +1187,14 @@ impl Victoria {
 
     /// Like `start`, with more flags (a later flag overrides an earlier one of the same name).
     pub fn start_with(extra_flags: &[&str]) -> Victoria {
-        let dir = tempfile::Builder::new()
-            .prefix("didhub-victoria-")
-            .tempdir()
-            .expect("temp dir for victoria-metrics");
-        let mut vm = Victoria {
-            port: 0,
-            dir,
+        Server::launch(VictoriaFlags {
             extra_flags: extra_flags.iter().map(|s| s.to_string()).collect(),
-            log: Log::default(),
-            proc: None,
-        };
-        for attempt in 1..=PORT_ATTEMPTS {
-            vm.port = free_port();
-            match vm.spawn() {
-                Ok(()) => return vm,
-                Err(status) if attempt < PORT_ATTEMPTS && address_in_use(&vm.log) => {
-                    vm.log.push(format!(
-                        "[harness] port {} taken ({status}), retrying on another",
-                        vm.port
-                    ));
-                }
-                Err(status) => vm.died(status),
-            }
-        }
-        unreachable!()
-    }
-
-    fn spawn(&mut self) -> Result<(), ExitStatus> {
-        self.log.push(format!(
-            "[harness] starting victoria-metrics on port {}",
-            self.port
-        ));
-        let mut cmd = Command::new(victoria_bin());
-        cmd.arg(format!("-httpListenAddr=127.0.0.1:{}", self.port))
-            .arg(format!(
-                "-storageDataPath={}",
-                self.dir.path().join("data").display()
-            ))
-            .args(VICTORIA_FLAGS)
-            .args(&self.extra_flags)
-            .current_dir(self.dir.path());
-        let mut proc = Proc::spawn("victoria-metrics", &mut cmd, &self.log, None);
-        let port = self.port;
-        let result = wait_ready(
-            "victoria-metrics",
-            &mut proc,
-            &self.log,
-            START_TIMEOUT,
-            || {
-                http_get(port, "/health")
-                    .map(|r| r.status == 200 && r.text().trim() == "OK")
-                    .unwrap_or(false)
-            },
-        );
-        if result.is_ok() {
-            self.proc = Some(proc);
-        }
-        result
-    }
-
-    fn died(&self, status: ExitStatus) -> ! {
-        panic!(
-            "victoria-metrics on port {} exited during start-up ({status}); its log:\n{}",
-            self.port,
-            self.log.tail()
-        );
+        })
     }
 
     /// `http://127.0.0.1:PORT`, the base URL to give the hub as its InfluxDB URL.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// PID of the running server, `None` when stopped.
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.as_ref().map(Proc::pid)
-    }
-
-    /// Everything the server logged (dropped rows are only visible here: writes still get 204).
-    pub fn logs(&self) -> Vec<String> {
-        self.log.lines()
-    }
-
-    /// The server's log handle.
-    pub fn log(&self) -> &Log {
-        &self.log
-    }
-
-    /// SIGTERM and wait (it flushes to disk); SIGKILL after 15 s.
-    pub fn stop(&mut self) -> Option<ExitStatus> {
-        let status = self.proc.take().map(|mut p| p.stop(STOP_GRACE));
-        self.log
-            .push(format!("[harness] victoria-metrics stopped: {status:?}"));
-        status
-    }
-
-    /// SIGKILL.
-    pub fn kill9(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.kill9();
-        }
-        self.log.push("[harness] victoria-metrics killed (SIGKILL)");
-    }
-
-    /// Starts it again on the same port and data directory; stops it first if running.
-    pub fn start_again(&mut self) {
-        if self.proc.is_some() {
-            self.stop();
-        }
-        if let Err(status) = self.spawn() {
-            self.died(status);
-        }
     }
 
     fn http(&self, method: &str, path: &str, body: &[u8]) -> HttpResponse {
@@ -1372,15 +1331,6 @@ impl Victoria {
         let r = self.http("GET", &path, &[]);
         serde_json::from_slice(&r.body)
             .unwrap_or_else(|e| panic!("query {promql}: {} is not JSON ({e})", r.text()))
-    }
-}
-
-impl Drop for Victoria {
-    /// Stops the server before its data directory is removed (fields drop after this).
-    fn drop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.stop(DROP_GRACE);
-        }
     }
 }
 
