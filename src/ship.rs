@@ -563,10 +563,16 @@ impl Shipper {
     }
 }
 
+/// The HTTP request reader of the tests' scripted stores (shared with `tests/faults.rs`).
+#[cfg(test)]
+#[path = "../tests/common/http_request.rs"]
+mod test_http_request;
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{BufReader, Read, Write};
+    use test_http_request as http_request;
 
     fn batch(lines: &[&str]) -> Batch {
         let mut b = Batch::default();
@@ -644,35 +650,12 @@ mod tests {
         acc: Arc<Mutex<Vec<String>>>,
     ) {
         let mut reader = BufReader::new(stream);
-        loop {
-            let (mut len, mut gzip, mut line) = (0usize, false, String::new());
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                break;
-            }
-            loop {
-                let mut h = String::new();
-                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                    break;
-                }
-                let h = h.to_ascii_lowercase();
-                if let Some(v) = h.strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap();
-                }
-                gzip |= h.starts_with("content-encoding: gzip");
-            }
-            let mut body = vec![0u8; len];
-            reader.read_exact(&mut body).unwrap();
-            let mut text = String::new();
-            if gzip {
-                flate2::read::GzDecoder::new(&body[..])
-                    .read_to_string(&mut text)
-                    .unwrap();
-            } else {
-                text = String::from_utf8(body).unwrap();
-            }
+        while let Some(req) = http_request::read_request(&mut reader) {
             let status = script.lock().unwrap().next().unwrap_or(204);
             if status == 204 {
-                acc.lock().unwrap().extend(text.lines().map(String::from));
+                acc.lock()
+                    .unwrap()
+                    .extend(req.body.lines().map(String::from));
             }
             let resp = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
             reader.get_mut().write_all(resp.as_bytes()).unwrap();

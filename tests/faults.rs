@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -370,39 +370,10 @@ impl Scripted {
                     .unwrap();
                 let mut reader = BufReader::new(stream);
                 // One request per connection is enough for the script, but serve keep-alive.
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        break;
-                    }
-                    let (mut len, mut gzip) = (0usize, false);
-                    loop {
-                        let mut h = String::new();
-                        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                            break;
-                        }
-                        let h = h.to_ascii_lowercase();
-                        if let Some(v) = h.strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap_or(0);
-                        }
-                        if let Some(v) = h.strip_prefix("content-encoding:") {
-                            gzip = v.trim() == "gzip";
-                        }
-                    }
-                    let mut body = vec![0u8; len];
-                    if reader.read_exact(&mut body).is_err() {
-                        break;
-                    }
-                    if gzip {
-                        // The shipper gzips by default (store.influxdb.content_encoding).
-                        let mut plain = Vec::new();
-                        flate2::read::GzDecoder::new(&body[..])
-                            .read_to_end(&mut plain)
-                            .expect("a gzip body");
-                        body = plain;
-                    }
-                    gzips.fetch_add(usize::from(gzip), std::sync::atomic::Ordering::Relaxed);
-                    let body = String::from_utf8_lossy(&body).to_string();
+                while let Some(req) = common::http_request::read_request(&mut reader) {
+                    // The shipper gzips by default (store.influxdb.content_encoding).
+                    gzips.fetch_add(usize::from(req.gzip), std::sync::atomic::Ordering::Relaxed);
+                    let (line, body) = (req.line, req.body);
                     if !line.starts_with("POST") {
                         // The start-up health check: not part of the script.
                         let ok = "HTTP/1.1 200 OK\r\nContent-Length: 15\r\nContent-Type: application/json\r\n\r\n{\"status\":\"pass\"}";

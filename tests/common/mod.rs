@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
+pub mod http_request;
+
 /// How long a server may take to accept connections after it was spawned.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a dropped guard waits after SIGTERM before it sends SIGKILL.
