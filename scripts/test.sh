@@ -95,3 +95,16 @@ echo "==> cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 echo "==> cargo test --all-targets"
 cargo test --all-targets
+
+# The fuzz targets are a workspace of their own (fuzz/, built by `cargo fuzz`), which nothing
+# above compiles: check that they still build against the library (once, an API change left
+# them broken for a session). In a temporary target directory, removed afterwards (~700 MB).
+# libfuzzer-sys compiles libFuzzer with a C++ compiler.
+if command -v c++ >/dev/null 2>&1; then
+  echo "==> cargo check --manifest-path fuzz/Cargo.toml --bins"
+  fuzz_target=$(mktemp -d)
+  trap 'rm -rf "$fuzz_target"' EXIT
+  CARGO_TARGET_DIR="$fuzz_target" cargo check --manifest-path fuzz/Cargo.toml --bins
+else
+  echo "==> not checking the fuzz targets: no C++ compiler (c++) for libFuzzer"
+fi

@@ -90,7 +90,7 @@ pub fn check_fast_path(fast: &Shared, slow: &Shared, data: &[u8]) {
         );
         // Twice in one `verify_many`: a signed input is then checked in a batch of two.
         let items = [(payload, require), (payload, require)];
-        for v in futures::executor::block_on(fast.verifier.verify_many(&items, now)) {
+        for v in futures::executor::block_on(fast.verifier.verify_many(&items, now)).verdicts {
             assert_eq!(
                 format!("{v:?}"),
                 b,
