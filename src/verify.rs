@@ -112,6 +112,16 @@ pub enum Envelope {
 }
 
 impl Envelope {
+    /// Every envelope, in the order of the CLI's list.
+    pub const ALL: [Envelope; 6] = [
+        Envelope::Plaintext,
+        Envelope::Signed,
+        Envelope::Authcrypt,
+        Envelope::Anoncrypt,
+        Envelope::AnoncryptSigned,
+        Envelope::AuthcryptSigned,
+    ];
+
     /// The CLI name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -126,15 +136,7 @@ impl Envelope {
 
     /// Parses the CLI name.
     pub fn parse(s: &str) -> Option<Envelope> {
-        Some(match s {
-            "plaintext" => Envelope::Plaintext,
-            "signed" => Envelope::Signed,
-            "authcrypt" => Envelope::Authcrypt,
-            "anoncrypt" => Envelope::Anoncrypt,
-            "anoncrypt-signed" => Envelope::AnoncryptSigned,
-            "authcrypt-signed" => Envelope::AuthcryptSigned,
-            _ => return None,
-        })
+        Envelope::ALL.into_iter().find(|e| e.as_str() == s)
     }
 
     fn signed(self) -> bool {
@@ -1350,16 +1352,21 @@ mod tests {
     }
 
     #[test]
+    fn envelope_names_round_trip() {
+        for e in Envelope::ALL {
+            assert_eq!(Envelope::parse(e.as_str()), Some(e));
+        }
+        assert_eq!(
+            Envelope::parse("anoncrypt-signed"),
+            Some(Envelope::AnoncryptSigned)
+        );
+        assert_eq!(Envelope::parse("jws"), None);
+    }
+
+    #[test]
     fn every_envelope_verifies_under_any() {
         let (v, dev) = setup();
-        for mode in [
-            Envelope::Plaintext,
-            Envelope::Signed,
-            Envelope::Authcrypt,
-            Envelope::Anoncrypt,
-            Envelope::AnoncryptSigned,
-            Envelope::AuthcryptSigned,
-        ] {
+        for mode in Envelope::ALL {
             let packed = run(pack_post(
                 &dev,
                 v.hub_did(),

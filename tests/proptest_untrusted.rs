@@ -43,14 +43,7 @@ const TOPICS: [&str; 9] = [
     "nowhere/dev1",             // no route
 ];
 
-const ENVELOPES: [Envelope; 6] = [
-    Envelope::Plaintext,
-    Envelope::Signed,
-    Envelope::Authcrypt,
-    Envelope::Anoncrypt,
-    Envelope::AnoncryptSigned,
-    Envelope::AuthcryptSigned,
-];
+const ENVELOPES: [Envelope; 6] = Envelope::ALL;
 
 struct Seed {
     bytes: Vec<u8>,

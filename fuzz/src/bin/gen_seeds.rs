@@ -19,14 +19,7 @@ use didhub_fuzz::{
 use futures::executor::block_on;
 use serde_json::{json, Value};
 
-const ENVELOPES: [Envelope; 6] = [
-    Envelope::Plaintext,
-    Envelope::Signed,
-    Envelope::Authcrypt,
-    Envelope::Anoncrypt,
-    Envelope::AnoncryptSigned,
-    Envelope::AuthcryptSigned,
-];
+const ENVELOPES: [Envelope; 6] = Envelope::ALL;
 
 fn fuzz_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
