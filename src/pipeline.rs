@@ -733,8 +733,8 @@ const LINGER_MIN_EXPECTED: f64 = 4.0;
 /// gatherer leaves messages behind in the queue (the hub is busy: a spare worker gathers the
 /// next batch while this one verifies). At moderate rates the queue is empty when a batch is
 /// taken, the spare workers sleep, and the gatherer comes back for the next batch itself: no
-/// worker is woken only to wait for the next message (measured: at 5k signed posts/s one
-/// worker costs 3.7–8 µs/post less than two taking turns).
+/// worker is woken only to wait for the next message (measured in process at 5k signed
+/// posts/s, W=2: the workers' CPU fell from 40–41 to 36–38 µs/post).
 pub struct Gather {
     rx: flume::Receiver<Inbound>,
     linger: std::time::Duration,
