@@ -98,11 +98,14 @@ cargo test --all-targets
 
 # The fuzz targets are a workspace of their own (fuzz/, built by `cargo fuzz`), which nothing
 # above compiles: check that they still build against the library (once, an API change left
-# them broken for a session). In a temporary target directory, removed afterwards (~700 MB).
-# libfuzzer-sys compiles libFuzzer with a C++ compiler.
+# them broken for a session). In a temporary target directory beside the main one (not /tmp,
+# which may be a small tmpfs), removed afterwards (~700 MB). libfuzzer-sys compiles libFuzzer
+# with a C++ compiler.
 if command -v c++ >/dev/null 2>&1; then
   echo "==> cargo check --manifest-path fuzz/Cargo.toml --bins"
-  fuzz_target=$(mktemp -d)
+  main_target=${CARGO_TARGET_DIR:-target}
+  mkdir -p "$main_target"
+  fuzz_target=$(mktemp -d "$main_target/fuzz-check.XXXXXX")
   trap 'rm -rf "$fuzz_target"' EXIT
   CARGO_TARGET_DIR="$fuzz_target" cargo check --manifest-path fuzz/Cargo.toml --bins
 else
