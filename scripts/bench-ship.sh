@@ -9,6 +9,8 @@
 # `didhub bench --ship-to http://127.0.0.1:<port> --ship-store-pid <vm> "$@"`, and stops
 # VictoriaMetrics by PID on exit (also on failure or Ctrl-C).
 # DIDHUB_PERF=file: profile the bench process during the drain (perf record -g -p).
+# DIDHUB_STORE_PPROF=file: VictoriaMetrics' own CPU profile of 4 s of the drain (its
+# /debug/pprof/profile, with function names), summarised by scripts/pprof-top.py.
 set -euo pipefail
 
 # shellcheck source=scripts/bench-lib.sh
@@ -29,6 +31,20 @@ done
 [[ -n $ready ]] || { echo "victoria-metrics did not start:" >&2; cat "$dir/vm.log" >&2; exit 1; }
 
 cmd=("$didhub" bench --ship-to "http://127.0.0.1:$port" --ship-store-pid "$vm_pid" "$@")
+if [[ -n ${DIDHUB_STORE_PPROF:-} ]]; then
+    "${cmd[@]}" 2> >(tee "$dir/bench.err" >&2) &
+    bench=$!
+    pids+=($bench)
+    until grep -q '^shipping ' "$dir/bench.err" 2>/dev/null; do
+        kill -0 "$bench" 2>/dev/null || break
+        sleep 0.05
+    done
+    curl -fsS -o "$DIDHUB_STORE_PPROF" "http://127.0.0.1:$port/debug/pprof/profile?seconds=4"
+    status=0
+    wait "$bench" || status=$?
+    python3 "$(dirname "$0")/pprof-top.py" "$DIDHUB_STORE_PPROF" 15 25
+    exit $status
+fi
 if [[ -z ${DIDHUB_PERF:-} ]]; then
     "${cmd[@]}"
     exit
