@@ -43,8 +43,6 @@ const TOPICS: [&str; 9] = [
     "nowhere/dev1",             // no route
 ];
 
-const ENVELOPES: [Envelope; 6] = Envelope::ALL;
-
 struct Seed {
     bytes: Vec<u8>,
     json: Value,
@@ -88,7 +86,7 @@ fn fixture() -> &'static Fixture {
             .as_secs();
         let mut seeds = Vec::new();
         for dev in [&key, &peer] {
-            for envelope in ENVELOPES {
+            for envelope in Envelope::ALL {
                 let packed = futures::executor::block_on(pack_post(
                     dev,
                     &hub.did,

@@ -19,8 +19,6 @@ use didhub_fuzz::{
 use futures::executor::block_on;
 use serde_json::{json, Value};
 
-const ENVELOPES: [Envelope; 6] = Envelope::ALL;
-
 fn fuzz_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -94,7 +92,7 @@ fn write_seeds(dir: &Path) {
     // to the hub's key its authcrypt fast path (under every requirement), plaintext posts its
     // plaintext fast path (under `any`: the open, opents and regany routes).
     for (dname, dev) in &devices {
-        for mode in ENVELOPES {
+        for mode in Envelope::ALL {
             for (tname, topic) in [
                 ("auth", "auth/dev1/t"),
                 ("signed", "signed/dev1/t"),
