@@ -31,7 +31,10 @@ done
 [[ -n $ready ]] || { echo "victoria-metrics did not start:" >&2; cat "$dir/vm.log" >&2; exit 1; }
 
 cmd=("$didhub" bench --ship-to "http://127.0.0.1:$port" --ship-store-pid "$vm_pid" "$@")
-if [[ -n ${DIDHUB_STORE_PPROF:-} ]]; then
+
+# Starts the bench in the background (PID in $bench) and returns once the outbox is filled and
+# the drain begins ("shipping N points …"), so that a profile covers the drain only.
+start_drain() {
     "${cmd[@]}" 2> >(tee "$dir/bench.err" >&2) &
     bench=$!
     pids+=($bench)
@@ -39,6 +42,10 @@ if [[ -n ${DIDHUB_STORE_PPROF:-} ]]; then
         kill -0 "$bench" 2>/dev/null || break
         sleep 0.05
     done
+}
+
+if [[ -n ${DIDHUB_STORE_PPROF:-} ]]; then
+    start_drain
     curl -fsS -o "$DIDHUB_STORE_PPROF" "http://127.0.0.1:$port/debug/pprof/profile?seconds=4"
     status=0
     wait "$bench" || status=$?
@@ -49,14 +56,7 @@ if [[ -z ${DIDHUB_PERF:-} ]]; then
     "${cmd[@]}"
     exit
 fi
-# Profile the drain only: attach once the outbox is filled ("shipping N points …").
-"${cmd[@]}" 2> >(tee "$dir/bench.err" >&2) &
-bench=$!
-pids+=($bench)
-until grep -q '^shipping ' "$dir/bench.err" 2>/dev/null; do
-    kill -0 "$bench" 2>/dev/null || break
-    sleep 0.05
-done
+start_drain
 perf record ${DIDHUB_PERF_ARGS:--g} -F 999 -o "$DIDHUB_PERF" -p "$bench" >"$dir/perf.log" 2>&1 &
 perf_pid=$!
 pids+=($perf_pid)
