@@ -785,7 +785,6 @@ fn run_in_dir(
         .iter()
         .map(|a| a.load(Ordering::Relaxed))
         .sum();
-    let batches = stats.batches.load(Ordering::Relaxed);
     let accepted = stats.accepted.load(Ordering::Relaxed);
     let verify_count = stats.verify_count.load(Ordering::Relaxed).max(1);
     let (hits, misses) = shared.verifier.resolver().cache_stats();
@@ -807,8 +806,8 @@ fn run_in_dir(
         verify_us_per_msg: stats.verify_nanos.load(Ordering::Relaxed) as f64
             / verify_count as f64
             / 1e3,
-        batches,
-        mean_batch: accepted as f64 / batches.max(1) as f64,
+        batches: stats.commit_batch_size.count(),
+        mean_batch: stats.commit_batch_size.mean(),
         rate: args.rate,
         verify_batch_mean: stats.verify_batch_size.mean(),
         did_cache_hits: hits,

@@ -129,10 +129,14 @@ impl SizeHistogram {
         self.count_sum.1.fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    /// How many sizes were observed.
+    pub fn count(&self) -> u64 {
+        self.count_sum.0.load(Ordering::Relaxed)
+    }
+
     /// The mean of the sizes observed (0 before the first).
     pub fn mean(&self) -> f64 {
-        let count = self.count_sum.0.load(Ordering::Relaxed);
-        self.count_sum.1.load(Ordering::Relaxed) as f64 / count.max(1) as f64
+        self.count_sum.1.load(Ordering::Relaxed) as f64 / self.count().max(1) as f64
     }
 }
 
@@ -446,10 +450,10 @@ mod tests {
     #[test]
     fn a_size_histogram_tells_its_mean() {
         let h = SizeHistogram::default();
-        assert_eq!(h.mean(), 0.0);
+        assert_eq!((h.count(), h.mean()), (0, 0.0));
         h.observe(7);
         h.clone().observe(2);
-        assert_eq!(h.mean(), 4.5);
+        assert_eq!((h.count(), h.mean()), (2, 4.5));
     }
 
     #[test]

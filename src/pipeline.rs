@@ -96,8 +96,6 @@ pub struct Stats {
     pub ignored: AtomicU64,
     /// Messages acknowledged.
     pub acked: AtomicU64,
-    /// Commit batches.
-    pub batches: AtomicU64,
     /// Time spent verifying, ns.
     pub verify_nanos: AtomicU64,
     /// Messages verified.
@@ -1044,7 +1042,6 @@ impl Committer {
             };
             let stats = self.shared.stats.clone();
             if !commits.is_empty() {
-                stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats.commit_batch_size.observe(commits.len());
             }
             self.ship_stats
