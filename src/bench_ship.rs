@@ -45,6 +45,10 @@ pub struct ShipArgs {
     /// Ship benchmark: `gzip` or `identity` (`store.influxdb.content_encoding`).
     #[arg(long, default_value = "gzip", value_parser = parse_encoding)]
     pub ship_encoding: ContentEncoding,
+    /// Ship benchmark: most write requests on the wire at once
+    /// (`store.influxdb.requests_in_flight`).
+    #[arg(long, default_value_t = 2)]
+    pub ship_in_flight: usize,
     /// Ship benchmark: the store's PID, to read its CPU seconds during the drain from /proc.
     #[arg(long)]
     pub ship_store_pid: Option<u32>,
@@ -59,6 +63,7 @@ impl Default for ShipArgs {
             ship_to: None,
             ship_batch: 5000,
             ship_encoding: ContentEncoding::Gzip,
+            ship_in_flight: 2,
             ship_store_pid: None,
             ship_check_secs: 120,
         }
@@ -78,6 +83,8 @@ pub struct ShipReport {
     pub content_encoding: String,
     /// Lines per write request.
     pub batch_size: usize,
+    /// Most write requests on the wire at once.
+    pub requests_in_flight: usize,
     /// Points put in the outbox.
     pub points: usize,
     /// Devices (series per field).
@@ -301,8 +308,8 @@ pub async fn run(args: &BenchArgs) -> Result<ShipReport, String> {
         .trim_end_matches('/')
         .to_string();
     let n = args.count;
-    if n == 0 || s.ship_batch == 0 {
-        return Err("--count and --ship-batch must be at least 1".into());
+    if n == 0 || s.ship_batch == 0 || s.ship_in_flight == 0 {
+        return Err("--count, --ship-batch and --ship-in-flight must be at least 1".into());
     }
     let run = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
     let dir = std::env::temp_dir().join(format!("didhub-bench-ship-{run}"));
@@ -353,6 +360,7 @@ async fn run_in_dir(
             retry_min: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
             content_encoding: s.ship_encoding,
+            requests_in_flight: s.ship_in_flight,
         },
         token: Secret::default(),
         conn: Arc::new(Mutex::new(conn)),
@@ -360,8 +368,9 @@ async fn run_in_dir(
         stats: stats.clone(),
     };
     eprintln!(
-        "shipping {n} points to {url}/api/v2/write, {} lines per request, {}",
+        "shipping {n} points to {url}/api/v2/write, {} lines per request, {} in flight, {}",
         s.ship_batch,
+        s.ship_in_flight,
         s.ship_encoding.as_str()
     );
 
@@ -417,6 +426,7 @@ async fn run_in_dir(
         url,
         content_encoding: s.ship_encoding.as_str().into(),
         batch_size: s.ship_batch,
+        requests_in_flight: s.ship_in_flight,
         points: n,
         devices,
         numeric_fields: 8,
@@ -454,8 +464,8 @@ pub fn render_table(r: &ShipReport) -> String {
         (
             "ship to",
             format!(
-                "{}/api/v2/write, {} lines/request, {}",
-                r.url, r.batch_size, r.content_encoding
+                "{}/api/v2/write, {} lines/request, {} in flight, {}",
+                r.url, r.batch_size, r.requests_in_flight, r.content_encoding
             ),
         ),
         (

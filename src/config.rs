@@ -707,6 +707,9 @@ pub struct InfluxConfig {
     /// How write request bodies are encoded: `gzip` (default) or `identity`.
     #[serde(default)]
     pub content_encoding: ContentEncoding,
+    /// Most write requests on the wire at once (each its own batch and connection).
+    #[serde(default = "default_ship_in_flight")]
+    pub requests_in_flight: usize,
 }
 
 /// `store.influxdb.content_encoding`: the `Content-Encoding` of write requests.
@@ -748,6 +751,9 @@ impl TryFrom<String> for ContentEncoding {
 
 fn default_ship_batch() -> usize {
     5000
+}
+fn default_ship_in_flight() -> usize {
+    2
 }
 fn default_ship_backoff_min() -> Duration {
     Duration::from_millis(500)
@@ -1227,6 +1233,12 @@ impl Config {
                 if i.batch_size == 0 {
                     return Err(invalid("store.influxdb.batch_size", "must be at least 1"));
                 }
+                if !(1..=16).contains(&i.requests_in_flight) {
+                    return Err(invalid(
+                        "store.influxdb.requests_in_flight",
+                        "must be from 1 to 16",
+                    ));
+                }
             }
             _ => {}
         }
@@ -1524,6 +1536,22 @@ mod tests {
             c.store.influxdb.unwrap().content_encoding,
             ContentEncoding::Identity
         );
+    }
+
+    #[test]
+    fn influx_requests_in_flight_defaults_to_two_and_is_bounded() {
+        let influx = "[store]\nkind = \"influxdb\"\n[store.influxdb]\nurl = \"http://x\"\nbucket = \"b\"\ntoken = \"t\"\n";
+        let c = parse(&format!("{MIN}{influx}")).unwrap();
+        assert_eq!(c.store.influxdb.unwrap().requests_in_flight, 2);
+        let c = parse(&format!("{MIN}{influx}requests_in_flight = 1\n")).unwrap();
+        assert_eq!(c.store.influxdb.unwrap().requests_in_flight, 1);
+        for bad in [0, 17] {
+            let e = parse(&format!("{MIN}{influx}requests_in_flight = {bad}\n")).unwrap_err();
+            assert!(
+                e.to_string().contains("store.influxdb.requests_in_flight"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

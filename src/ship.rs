@@ -437,55 +437,86 @@ impl Shipper {
     }
 
     /// Ships until the outbox is empty (`Ok`), the first failure, or `stop` (`Ok`, after the
-    /// batch on the wire). While one batch is on the wire, the next one is read and encoded
-    /// and the previous one deleted, on the blocking pool. Rows leave the outbox only after a
-    /// 2xx for them; a failure deletes what was accepted before it returns.
+    /// batches on the wire). Up to `requests_in_flight` batches are on the wire at once; while
+    /// they are, the next one is read and encoded and the accepted ones deleted, on the
+    /// blocking pool. Rows leave the outbox only after a 2xx for them; a failure lets the
+    /// other requests on the wire finish and deletes what was accepted before it returns.
     async fn drain(
         &self,
         stop: Option<&CancellationToken>,
         mut on_accepted: impl FnMut(),
     ) -> Result<(), Stop> {
+        use futures::StreamExt as _;
         let limit = self.cfg.batch_size;
+        let in_flight = self.cfg.requests_in_flight.max(1);
         // Rows up to `after` are on the wire, or accepted and not yet deleted.
         let mut after = 0i64;
         let mut accepted = Accepted::default();
         let mut next = None;
+        let mut wire = futures::stream::FuturesUnordered::new();
+        // The last read found nothing after `after`.
+        let mut exhausted = false;
+        let mut failed: Option<Stop> = None;
         loop {
-            let step = match next.take() {
-                Some(h) => h,
-                None => self.step(std::mem::take(&mut accepted), after, limit),
-            };
-            let (batch, body) = step
-                .await
-                .unwrap_or_else(|e| panic!("shipper database task panicked: {e}"))
-                .map_err(Stop::Outbox)?;
-            if batch.is_empty() {
-                if accepted.seqs.is_empty() {
-                    return Ok(());
-                }
-                // Delete the last accepted batch, and look again.
-                continue;
-            }
-            after = batch.seqs[batch.len() - 1];
-            let cancelled = stop.is_some_and(|s| s.is_cancelled());
-            if !cancelled {
-                next = Some(self.step(std::mem::take(&mut accepted), after, limit));
-            }
-            let shipped = self.ship(batch, body, &mut accepted).await;
-            if shipped.is_ok() {
-                on_accepted();
-            }
-            if shipped.is_err() || stop.is_some_and(|s| s.is_cancelled()) {
-                // Let the step in flight finish its deletes; its batch is read again later.
-                if let Some(h) = next.take() {
-                    let _ = h.await;
-                }
-                self.step(std::mem::take(&mut accepted), after, 0)
+            while failed.is_none()
+                && !exhausted
+                && wire.len() < in_flight
+                && !stop.is_some_and(|s| s.is_cancelled())
+            {
+                let step = match next.take() {
+                    Some(h) => h,
+                    None => self.step(std::mem::take(&mut accepted), after, limit),
+                };
+                let (batch, body) = match step
                     .await
                     .unwrap_or_else(|e| panic!("shipper database task panicked: {e}"))
-                    .map_err(Stop::Outbox)?;
-                return shipped.map_err(|(reason, after)| Stop::Write(reason, after));
+                {
+                    Ok(read) => read,
+                    Err(e) => {
+                        failed = Some(Stop::Outbox(e));
+                        break;
+                    }
+                };
+                if batch.is_empty() {
+                    exhausted = true;
+                    break;
+                }
+                after = batch.seqs[batch.len() - 1];
+                next = Some(self.step(std::mem::take(&mut accepted), after, limit));
+                wire.push(async move {
+                    let mut taken = Accepted::default();
+                    let shipped = self.ship(batch, body, &mut taken).await;
+                    (shipped, taken)
+                });
             }
+            let Some((shipped, taken)) = wire.next().await else {
+                if failed.is_none() && exhausted && !accepted.seqs.is_empty() {
+                    // Delete the last accepted batches, and look again.
+                    exhausted = false;
+                    continue;
+                }
+                break;
+            };
+            accepted.seqs.extend_from_slice(&taken.seqs);
+            accepted.bytes += taken.bytes;
+            match shipped {
+                Ok(()) => on_accepted(),
+                Err((reason, after)) => {
+                    failed.get_or_insert(Stop::Write(reason, after));
+                }
+            }
+        }
+        // Let the step in flight finish its deletes; its batch is read again later.
+        if let Some(h) = next.take() {
+            let _ = h.await;
+        }
+        self.step(std::mem::take(&mut accepted), after, 0)
+            .await
+            .unwrap_or_else(|e| panic!("shipper database task panicked: {e}"))
+            .map_err(Stop::Outbox)?;
+        match failed {
+            Some(stop) => Err(stop),
+            None => Ok(()),
         }
     }
 
@@ -628,41 +659,88 @@ mod tests {
     /// A store that answers the POSTs in `script` order (204 once it runs out) and keeps the
     /// (gunzipped) lines of the ones it accepted.
     fn scripted_store(script: Vec<u16>) -> (u16, Arc<Mutex<Vec<String>>>) {
+        let (port, accepted, _) = holding_store(script, 1, Duration::ZERO);
+        (port, accepted)
+    }
+
+    /// Requests being answered now, the most there were at once, and all that came.
+    #[derive(Default)]
+    struct OnTheWire {
+        open: Mutex<(usize, usize, usize)>,
+        changed: std::sync::Condvar,
+    }
+
+    /// `scripted_store`, which holds each scripted request until `together` requests have come
+    /// or for `hold`, and counts the most open at once.
+    fn holding_store(
+        script: Vec<u16>,
+        together: usize,
+        hold: Duration,
+    ) -> (u16, Arc<Mutex<Vec<String>>>, Arc<OnTheWire>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
-        let acc = accepted.clone();
+        let wire: Arc<OnTheWire> = Arc::default();
+        let (acc, w) = (accepted.clone(), wire.clone());
         let script = Arc::new(Mutex::new(script.into_iter()));
         std::thread::spawn(move || {
             // A thread per connection: the client may open a new one before the last one is
             // back in its pool.
             for stream in listener.incoming() {
-                let (acc, script) = (acc.clone(), script.clone());
-                std::thread::spawn(move || serve(stream.unwrap(), script, acc));
+                let (acc, script, w) = (acc.clone(), script.clone(), w.clone());
+                std::thread::spawn(move || serve(stream.unwrap(), script, acc, w, together, hold));
             }
         });
-        (port, accepted)
+        (port, accepted, wire)
     }
 
     fn serve(
         stream: std::net::TcpStream,
         script: Arc<Mutex<std::vec::IntoIter<u16>>>,
         acc: Arc<Mutex<Vec<String>>>,
+        wire: Arc<OnTheWire>,
+        together: usize,
+        hold: Duration,
     ) {
         let mut reader = BufReader::new(stream);
         while let Some(req) = http_request::read_request(&mut reader) {
-            let status = script.lock().unwrap().next().unwrap_or(204);
+            let status = script.lock().unwrap().next();
+            {
+                let mut open = wire.open.lock().unwrap();
+                open.0 += 1;
+                open.1 = open.1.max(open.0);
+                open.2 += 1;
+                wire.changed.notify_all();
+                if status.is_some() {
+                    let (_open, _) = wire
+                        .changed
+                        .wait_timeout_while(open, hold, |o| o.2 < together)
+                        .unwrap();
+                }
+            }
+            let status = status.unwrap_or(204);
             if status == 204 {
                 acc.lock()
                     .unwrap()
                     .extend(req.body.lines().map(String::from));
             }
+            wire.open.lock().unwrap().0 -= 1;
             let resp = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
             reader.get_mut().write_all(resp.as_bytes()).unwrap();
         }
     }
 
     fn shipper(dir: &std::path::Path, port: u16, rows: usize, batch_size: usize) -> Shipper {
+        shipper_in_flight(dir, port, rows, batch_size, 1)
+    }
+
+    fn shipper_in_flight(
+        dir: &std::path::Path,
+        port: u16,
+        rows: usize,
+        batch_size: usize,
+        requests_in_flight: usize,
+    ) -> Shipper {
         let db = dir.join("t.db");
         let c = store::open(&db).unwrap();
         let stats = Arc::new(ShipStats::default());
@@ -688,6 +766,7 @@ mod tests {
                 retry_min: Duration::from_millis(10),
                 retry_max: Duration::from_millis(10),
                 content_encoding: ContentEncoding::Gzip,
+                requests_in_flight,
             },
             token: Secret::default(),
             conn: Arc::new(Mutex::new(store::open(&db).unwrap())),
@@ -732,6 +811,59 @@ mod tests {
             "each row accepted once"
         );
         assert_eq!(s.stats.requests.load(Ordering::Relaxed), 3 + 2);
+    }
+
+    /// Every row in the outbox (`left`) or accepted exactly once, and the gauges agree.
+    fn assert_each_row_once(s: &Shipper, accepted: &Mutex<Vec<String>>, rows: i64) {
+        let left = store::outbox_len(&s.conn.lock().unwrap()).unwrap();
+        let taken = accepted.lock().unwrap().len() as i64;
+        assert_eq!(left + taken, rows, "{left} left + {taken} accepted");
+        assert_eq!(s.stats.shipped.load(Ordering::Relaxed) as i64, taken);
+        assert_eq!(s.stats.outbox_rows.load(Ordering::Relaxed), left);
+        let mut times: Vec<i64> = accepted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        times.sort();
+        times.dedup();
+        assert_eq!(times.len() as i64, taken, "a row accepted twice");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_requests_in_flight_and_a_failure_loses_and_doubles_nothing() {
+        // Batches of 10, two on the wire at once: the store holds each of the first two
+        // requests until the other arrives (10 s at most), then accepts one and refuses the
+        // other with 503. If the 204 comes back first, a third batch may go out (accepted)
+        // before the 503 stops the drain. The next pass ships the rest.
+        let (port, accepted, wire) = holding_store(vec![204, 503], 2, Duration::from_secs(10));
+        let dir = tempfile::tempdir().unwrap();
+        let s = shipper_in_flight(dir.path(), port, 35, 10, 2);
+        s.flush().await;
+        assert_eq!(wire.open.lock().unwrap().1, 2, "two requests at once");
+        let requests = s.stats.requests.load(Ordering::Relaxed);
+        assert!(requests == 2 || requests == 3, "{requests} requests");
+        assert_eq!(accepted.lock().unwrap().len(), 10 * (requests as usize - 1));
+        assert_each_row_once(&s, &accepted, 35);
+        s.flush().await;
+        assert_eq!(store::outbox_len(&s.conn.lock().unwrap()).unwrap(), 0);
+        assert_each_row_once(&s, &accepted, 35);
+        assert_eq!(s.stats.outbox_bytes.load(Ordering::Relaxed), 0);
+        // 35 rows are 4 batches, the refused one sent twice.
+        assert_eq!(s.stats.requests.load(Ordering::Relaxed), 5);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_request_in_flight_is_one_at_a_time() {
+        // The store holds each request 200 ms for a second one, which must not come.
+        let (port, accepted, wire) = holding_store(vec![204; 4], 2, Duration::from_millis(200));
+        let dir = tempfile::tempdir().unwrap();
+        let s = shipper_in_flight(dir.path(), port, 35, 10, 1);
+        s.flush().await;
+        assert_eq!(wire.open.lock().unwrap().1, 1);
+        assert_eq!(store::outbox_len(&s.conn.lock().unwrap()).unwrap(), 0);
+        assert_each_row_once(&s, &accepted, 35);
     }
 
     #[test]
