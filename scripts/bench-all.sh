@@ -55,6 +55,7 @@ run e2e-signed-100k-dids scripts/bench-e2e.sh -- --mode signed --devices "$(q 10
 # Target 5: the shipper.
 run ship-gzip scripts/bench-ship.sh -n "$(q 1000000 200000)" --ship-batch 5000 --ship-encoding gzip
 run ship-identity scripts/bench-ship.sh -n "$(q 1000000 200000)" --ship-batch 5000 --ship-encoding identity
+run ship-gzip-1 scripts/bench-ship.sh -n "$(q 1000000 200000)" --ship-batch 5000 --ship-encoding gzip --ship-in-flight 1
 
 # Target 7: cost as N grows.
 for n in $(q "10000 100000 1000000" "10000 50000"); do
