@@ -730,11 +730,7 @@ mod tests {
         }
     }
 
-    fn shipper(dir: &std::path::Path, port: u16, rows: usize, batch_size: usize) -> Shipper {
-        shipper_in_flight(dir, port, rows, batch_size, 1)
-    }
-
-    fn shipper_in_flight(
+    fn shipper(
         dir: &std::path::Path,
         port: u16,
         rows: usize,
@@ -781,7 +777,7 @@ mod tests {
         // ahead; the next pass re-sends from the first row not accepted.
         let (port, accepted) = scripted_store(vec![204, 204, 503]);
         let dir = tempfile::tempdir().unwrap();
-        let s = shipper(dir.path(), port, 35, 10);
+        let s = shipper(dir.path(), port, 35, 10, 1);
         s.flush().await;
         let left = store::outbox_len(&s.conn.lock().unwrap()).unwrap();
         assert_eq!(left, 15);
@@ -798,18 +794,7 @@ mod tests {
             ),
             (0, 0)
         );
-        let mut times: Vec<i64> = accepted
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
-            .collect();
-        times.sort();
-        assert_eq!(
-            times,
-            (0..35).collect::<Vec<i64>>(),
-            "each row accepted once"
-        );
+        assert_each_row_once(&s, &accepted, 35);
         assert_eq!(s.stats.requests.load(Ordering::Relaxed), 3 + 2);
     }
 
@@ -839,7 +824,7 @@ mod tests {
         // before the 503 stops the drain. The next pass ships the rest.
         let (port, accepted, wire) = holding_store(vec![204, 503], 2, Duration::from_secs(10));
         let dir = tempfile::tempdir().unwrap();
-        let s = shipper_in_flight(dir.path(), port, 35, 10, 2);
+        let s = shipper(dir.path(), port, 35, 10, 2);
         s.flush().await;
         assert_eq!(wire.open.lock().unwrap().1, 2, "two requests at once");
         let requests = s.stats.requests.load(Ordering::Relaxed);
@@ -859,7 +844,7 @@ mod tests {
         // The store holds each request 200 ms for a second one, which must not come.
         let (port, accepted, wire) = holding_store(vec![204; 4], 2, Duration::from_millis(200));
         let dir = tempfile::tempdir().unwrap();
-        let s = shipper_in_flight(dir.path(), port, 35, 10, 1);
+        let s = shipper(dir.path(), port, 35, 10, 1);
         s.flush().await;
         assert_eq!(wire.open.lock().unwrap().1, 1);
         assert_eq!(store::outbox_len(&s.conn.lock().unwrap()).unwrap(), 0);
