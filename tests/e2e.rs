@@ -9,6 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::routes::ENVELOPE_ROUTES as ROUTES;
 use common::*;
 use didhub::did::Identity;
 use didhub::verify::{pack_message, pack_post, unpack_report, Envelope, REPORT_TYPE};
@@ -42,34 +43,6 @@ fn points(dir: &Path, measurement: &str) -> Vec<didhub::mapping::Point> {
     )
     .unwrap_or_default()
 }
-
-const ROUTES: &str = r#"
-[[routes]]
-name = "auth"
-topics = ["auth/+/t"]
-measurement = "auth"
-topic_tags = "auth/+device/t"
-[[routes]]
-name = "signed"
-topics = ["signed/+/t"]
-require = "signed"
-measurement = "signed"
-[[routes]]
-name = "authcrypt"
-topics = ["ac/+/t"]
-require = "authcrypt"
-measurement = "ac"
-[[routes]]
-name = "any"
-topics = ["open/#"]
-require = "any"
-measurement = "open"
-[[routes]]
-name = "registry"
-topics = ["reg/+/t"]
-senders = "registry"
-measurement = "reg"
-"#;
 
 fn send_cli(cfg: &Path, identity: &Path, mode: &str, topic: &str, payload: &str) {
     let out = didhub(&[

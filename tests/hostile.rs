@@ -19,6 +19,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+#[path = "common/routes.rs"]
+mod routes;
+
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use bytes::Bytes;
@@ -125,39 +128,12 @@ per_sender_burst = 1000.0
 global_per_second = 1000.0
 global_burst = 1000.0
 
-[[routes]]
-name = "auth"
-topics = ["auth/+/t"]
-measurement = "auth"
-
-[[routes]]
-name = "signed"
-topics = ["signed/+/t"]
-require = "signed"
-measurement = "signed"
-
-[[routes]]
-name = "authcrypt"
-topics = ["ac/+/t"]
-require = "authcrypt"
-measurement = "ac"
-
-[[routes]]
-name = "any"
-topics = ["open/#"]
-require = "any"
-measurement = "open"
-
-[[routes]]
-name = "registry"
-topics = ["reg/+/t"]
-senders = "registry"
-measurement = "reg"
-
+{}
 [[devices]]
 did = "{}"
 name = "device-a"
 "#,
+            routes::ENVELOPE_ROUTES,
             a.did
         );
         let cfg = Config::from_toml(&toml, "hostile.toml", &[]).expect("test config");

@@ -22,6 +22,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 pub mod http_request;
+pub mod routes;
 
 /// How long a server may take to accept connections after it was spawned.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
