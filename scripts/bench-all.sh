@@ -22,6 +22,7 @@ q() { if [[ -n ${QUICK:-} ]]; then echo "$2"; else echo "$1"; fi; }
 run() {
     local name=$1
     shift
+    sync # what the run before left dirty must not be written back during this one
     echo "### $name: $*" | tee "$OUT/$name.txt"
     "$@" 2>/dev/null | tee -a "$OUT/$name.txt"
     echo
