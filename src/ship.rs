@@ -237,6 +237,11 @@ impl Accepted {
         self.seqs.extend_from_slice(&b.seqs);
         self.bytes += b.outbox_bytes();
     }
+
+    fn append(&mut self, other: Accepted) {
+        self.seqs.extend(other.seqs);
+        self.bytes += other.bytes;
+    }
 }
 
 /// Why a drain stopped early.
@@ -497,8 +502,7 @@ impl Shipper {
                 }
                 break;
             };
-            accepted.seqs.extend_from_slice(&taken.seqs);
-            accepted.bytes += taken.bytes;
+            accepted.append(taken);
             match shipped {
                 Ok(()) => on_accepted(),
                 Err((reason, after)) => {
@@ -663,10 +667,20 @@ mod tests {
         (port, accepted)
     }
 
-    /// Requests being answered now, the most there were at once, and all that came.
+    /// What a holding store has seen of the requests.
+    #[derive(Default)]
+    struct Requests {
+        /// Being answered now.
+        open: usize,
+        /// The most open at once.
+        most: usize,
+        /// All that came.
+        came: usize,
+    }
+
     #[derive(Default)]
     struct OnTheWire {
-        open: Mutex<(usize, usize, usize)>,
+        requests: Mutex<Requests>,
         changed: std::sync::Condvar,
     }
 
@@ -706,15 +720,15 @@ mod tests {
         while let Some(req) = http_request::read_request(&mut reader) {
             let status = script.lock().unwrap().next();
             {
-                let mut open = wire.open.lock().unwrap();
-                open.0 += 1;
-                open.1 = open.1.max(open.0);
-                open.2 += 1;
+                let mut r = wire.requests.lock().unwrap();
+                r.open += 1;
+                r.most = r.most.max(r.open);
+                r.came += 1;
                 wire.changed.notify_all();
                 if status.is_some() {
-                    let (_open, _) = wire
+                    let _held = wire
                         .changed
-                        .wait_timeout_while(open, hold, |o| o.2 < together)
+                        .wait_timeout_while(r, hold, |r| r.came < together)
                         .unwrap();
                 }
             }
@@ -724,7 +738,7 @@ mod tests {
                     .unwrap()
                     .extend(req.body.lines().map(String::from));
             }
-            wire.open.lock().unwrap().0 -= 1;
+            wire.requests.lock().unwrap().open -= 1;
             let resp = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
             reader.get_mut().write_all(resp.as_bytes()).unwrap();
         }
@@ -826,7 +840,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = shipper(dir.path(), port, 35, 10, 2);
         s.flush().await;
-        assert_eq!(wire.open.lock().unwrap().1, 2, "two requests at once");
+        assert_eq!(
+            wire.requests.lock().unwrap().most,
+            2,
+            "two requests at once"
+        );
         let requests = s.stats.requests.load(Ordering::Relaxed);
         assert!(requests == 2 || requests == 3, "{requests} requests");
         assert_eq!(accepted.lock().unwrap().len(), 10 * (requests as usize - 1));
@@ -846,7 +864,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = shipper(dir.path(), port, 35, 10, 1);
         s.flush().await;
-        assert_eq!(wire.open.lock().unwrap().1, 1);
+        assert_eq!(wire.requests.lock().unwrap().most, 1);
         assert_eq!(store::outbox_len(&s.conn.lock().unwrap()).unwrap(), 0);
         assert_each_row_once(&s, &accepted, 35);
     }
