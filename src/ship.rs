@@ -385,15 +385,21 @@ impl Shipper {
     }
 
     /// Ships a batch, splitting too-large or refused batches. The rows the store accepted are
-    /// added to `accepted` (deleted later); refused single lines go to dead letters now.
+    /// added to `accepted` (deleted later); refused single lines go to dead letters now. No
+    /// request is sent once `halted()` says so (another request failed, or the drain is
+    /// stopping): `Ok(false)`, and the rows not sent stay in the outbox.
     async fn ship(
         &self,
         batch: Batch,
         body: Vec<u8>,
         accepted: &mut Accepted,
-    ) -> Result<(), (String, Option<Duration>)> {
+        halted: &(dyn Fn() -> bool + Sync),
+    ) -> Result<bool, (String, Option<Duration>)> {
         let mut stack = vec![(batch, Some(body))];
         while let Some((rows, body)) = stack.pop() {
+            if halted() {
+                return Ok(false);
+            }
             // Halves after a split are encoded here: a rare path, a few ms.
             let body = body.unwrap_or_else(|| encode(&rows.lines, self.cfg.content_encoding));
             let answer = self.write(rows.lines.len(), body).await;
@@ -438,14 +444,15 @@ impl Shipper {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Ships until the outbox is empty (`Ok`), the first failure, or `stop` (`Ok`, after the
-    /// batches on the wire). Up to `requests_in_flight` batches are on the wire at once; while
+    /// requests on the wire). Up to `requests_in_flight` batches are on the wire at once; while
     /// they are, the next one is read and encoded and the accepted ones deleted, on the
-    /// blocking pool. Rows leave the outbox only after a 2xx for them; a failure lets the
-    /// other requests on the wire finish and deletes what was accepted before it returns.
+    /// blocking pool. Rows leave the outbox only after a 2xx for them. Once a request fails
+    /// (or `stop` is cancelled) no other is sent: those on the wire finish, what was accepted
+    /// is deleted, and the failure is returned.
     async fn drain(
         &self,
         stop: Option<&CancellationToken>,
@@ -457,60 +464,59 @@ impl Shipper {
         // Rows up to `after` are on the wire, or accepted and not yet deleted.
         let mut after = 0i64;
         let mut accepted = Accepted::default();
+        // The read (and encode) of the batch after `after`, with the deletes before it.
         let mut next = None;
+        let mut failed: Option<Stop> = None;
+        let failing = std::sync::atomic::AtomicBool::new(false);
+        let halted = || failing.load(Ordering::Relaxed) || stop.is_some_and(|s| s.is_cancelled());
+        // Declared after what its futures borrow.
         let mut wire = futures::stream::FuturesUnordered::new();
         // The last read found nothing after `after`.
         let mut exhausted = false;
-        let mut failed: Option<Stop> = None;
         loop {
-            while failed.is_none()
-                && !exhausted
-                && wire.len() < in_flight
-                && !stop.is_some_and(|s| s.is_cancelled())
-            {
-                let step = match next.take() {
-                    Some(h) => h,
-                    None => self.step(std::mem::take(&mut accepted), after, limit),
-                };
-                let (batch, body) = match step
-                    .await
-                    .unwrap_or_else(|e| panic!("shipper database task panicked: {e}"))
-                {
-                    Ok(read) => read,
-                    Err(e) => {
-                        failed = Some(Stop::Outbox(e));
-                        break;
-                    }
-                };
-                if batch.is_empty() {
-                    exhausted = true;
-                    break;
-                }
-                after = batch.seqs[batch.len() - 1];
+            failing.store(failed.is_some(), Ordering::Relaxed);
+            if !halted() && !exhausted && next.is_none() {
                 next = Some(self.step(std::mem::take(&mut accepted), after, limit));
-                wire.push(async move {
-                    let mut taken = Accepted::default();
-                    let shipped = self.ship(batch, body, &mut taken).await;
-                    (shipped, taken)
-                });
             }
-            let Some((shipped, taken)) = wire.next().await else {
-                if failed.is_none() && exhausted && !accepted.seqs.is_empty() {
+            let room = !halted() && wire.len() < in_flight && next.is_some();
+            if wire.is_empty() && !room {
+                if !halted() && exhausted && !accepted.seqs.is_empty() {
                     // Delete the last accepted batches, and look again.
                     exhausted = false;
                     continue;
                 }
                 break;
-            };
-            accepted.append(taken);
-            match shipped {
-                Ok(()) => on_accepted(),
-                Err((reason, after)) => {
-                    failed.get_or_insert(Stop::Write(reason, after));
+            }
+            tokio::select! {
+                Some((shipped, taken)) = wire.next(), if !wire.is_empty() => {
+                    accepted.append(taken);
+                    match shipped {
+                        Ok(true) => on_accepted(),
+                        Ok(false) => {}
+                        Err((reason, after)) => {
+                            failed.get_or_insert(Stop::Write(reason, after));
+                        }
+                    }
+                }
+                read = async { next.as_mut().expect("room means a read").await }, if room => {
+                    next = None;
+                    match read.unwrap_or_else(|e| panic!("shipper database task panicked: {e}")) {
+                        Err(e) => failed = Some(Stop::Outbox(e)),
+                        Ok((batch, _)) if batch.is_empty() => exhausted = true,
+                        Ok((batch, body)) => {
+                            after = batch.seqs[batch.len() - 1];
+                            let halted = &halted;
+                            wire.push(async move {
+                                let mut taken = Accepted::default();
+                                let shipped = self.ship(batch, body, &mut taken, halted).await;
+                                (shipped, taken)
+                            });
+                        }
+                    }
                 }
             }
         }
-        // Let the step in flight finish its deletes; its batch is read again later.
+        // Let the read in flight finish its deletes; its batch is read again later.
         if let Some(h) = next.take() {
             let _ = h.await;
         }
@@ -660,88 +666,67 @@ mod tests {
         assert_eq!(store::outbox_len(&c).unwrap(), 3);
     }
 
-    /// A store that answers the POSTs in `script` order (204 once it runs out) and keeps the
-    /// (gunzipped) lines of the ones it accepted.
-    fn scripted_store(script: Vec<u16>) -> (u16, Arc<Mutex<Vec<String>>>) {
-        let (port, accepted, _) = holding_store(script, 1, Duration::ZERO);
-        (port, accepted)
-    }
-
-    /// What a holding store has seen of the requests.
+    /// What a test store has seen.
     #[derive(Default)]
-    struct Requests {
-        /// Being answered now.
-        open: usize,
-        /// The most open at once.
-        most: usize,
-        /// All that came.
-        came: usize,
+    struct Seen {
+        /// Requests that came.
+        came: std::sync::atomic::AtomicUsize,
+        /// Requests being answered now, and the most there were at once.
+        open: std::sync::atomic::AtomicUsize,
+        most: std::sync::atomic::AtomicUsize,
+        /// The lines of the requests it accepted.
+        accepted: Mutex<Vec<String>>,
+        /// Requests so far per first-line timestamp.
+        times: Mutex<std::collections::HashMap<i64, usize>>,
     }
 
-    #[derive(Default)]
-    struct OnTheWire {
-        requests: Mutex<Requests>,
-        changed: std::sync::Condvar,
-    }
-
-    /// `scripted_store`, which holds each scripted request until `together` requests have come
-    /// or for `hold`, and counts the most open at once.
-    fn holding_store(
-        script: Vec<u16>,
-        together: usize,
-        hold: Duration,
-    ) -> (u16, Arc<Mutex<Vec<String>>>, Arc<OnTheWire>) {
+    /// A store that answers each request as `answer` says from its first line's timestamp and
+    /// how many requests began with that line so far (1 for the first): the status, and how
+    /// long to wait before answering.
+    fn answering_store(answer: fn(i64, usize) -> (u16, Duration)) -> (u16, Arc<Seen>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
-        let wire: Arc<OnTheWire> = Arc::default();
-        let (acc, w) = (accepted.clone(), wire.clone());
-        let script = Arc::new(Mutex::new(script.into_iter()));
+        let seen: Arc<Seen> = Arc::default();
+        let store = seen.clone();
         std::thread::spawn(move || {
-            // A thread per connection: the client may open a new one before the last one is
-            // back in its pool.
+            // A thread per connection: requests in flight each have their own.
             for stream in listener.incoming() {
-                let (acc, script, w) = (acc.clone(), script.clone(), w.clone());
-                std::thread::spawn(move || serve(stream.unwrap(), script, acc, w, together, hold));
+                let seen = store.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.unwrap());
+                    while let Some(req) = http_request::read_request(&mut reader) {
+                        seen.came.fetch_add(1, Ordering::SeqCst);
+                        let open = seen.open.fetch_add(1, Ordering::SeqCst) + 1;
+                        seen.most.fetch_max(open, Ordering::SeqCst);
+                        let first: i64 = req
+                            .body
+                            .lines()
+                            .next()
+                            .and_then(|l| l.rsplit(' ').next())
+                            .and_then(|t| t.parse().ok())
+                            .unwrap_or(-1);
+                        let times = {
+                            let mut t = seen.times.lock().unwrap();
+                            let n = t.entry(first).or_default();
+                            *n += 1;
+                            *n
+                        };
+                        let (status, delay) = answer(first, times);
+                        std::thread::sleep(delay);
+                        if status == 204 {
+                            seen.accepted
+                                .lock()
+                                .unwrap()
+                                .extend(req.body.lines().map(String::from));
+                        }
+                        seen.open.fetch_sub(1, Ordering::SeqCst);
+                        let resp = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
+                        reader.get_mut().write_all(resp.as_bytes()).unwrap();
+                    }
+                });
             }
         });
-        (port, accepted, wire)
-    }
-
-    fn serve(
-        stream: std::net::TcpStream,
-        script: Arc<Mutex<std::vec::IntoIter<u16>>>,
-        acc: Arc<Mutex<Vec<String>>>,
-        wire: Arc<OnTheWire>,
-        together: usize,
-        hold: Duration,
-    ) {
-        let mut reader = BufReader::new(stream);
-        while let Some(req) = http_request::read_request(&mut reader) {
-            let status = script.lock().unwrap().next();
-            {
-                let mut r = wire.requests.lock().unwrap();
-                r.open += 1;
-                r.most = r.most.max(r.open);
-                r.came += 1;
-                wire.changed.notify_all();
-                if status.is_some() {
-                    let _held = wire
-                        .changed
-                        .wait_timeout_while(r, hold, |r| r.came < together)
-                        .unwrap();
-                }
-            }
-            let status = status.unwrap_or(204);
-            if status == 204 {
-                acc.lock()
-                    .unwrap()
-                    .extend(req.body.lines().map(String::from));
-            }
-            wire.requests.lock().unwrap().open -= 1;
-            let resp = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
-            reader.get_mut().write_all(resp.as_bytes()).unwrap();
-        }
+        (port, seen)
     }
 
     fn shipper(
@@ -785,43 +770,15 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn pipelined_drain_deletes_only_accepted_rows() {
-        // Batches of 10: two accepted, the third refused with 503 while the fourth is read
-        // ahead; the next pass re-sends from the first row not accepted.
-        let (port, accepted) = scripted_store(vec![204, 204, 503]);
-        let dir = tempfile::tempdir().unwrap();
-        let s = shipper(dir.path(), port, 35, 10, 1);
-        s.flush().await;
+    /// Every row is in the outbox or was accepted, none twice, and the gauges agree.
+    fn assert_each_row_once(s: &Shipper, seen: &Seen, rows: i64) {
         let left = store::outbox_len(&s.conn.lock().unwrap()).unwrap();
-        assert_eq!(left, 15);
-        assert_eq!(s.stats.shipped.load(Ordering::Relaxed), 20);
-        assert_eq!(s.stats.outbox_rows.load(Ordering::Relaxed), 15);
-        assert_eq!(accepted.lock().unwrap().len(), 20);
-        s.flush().await;
-        assert_eq!(store::outbox_len(&s.conn.lock().unwrap()).unwrap(), 0);
-        assert_eq!(s.stats.shipped.load(Ordering::Relaxed), 35);
-        assert_eq!(
-            (
-                s.stats.outbox_rows.load(Ordering::Relaxed),
-                s.stats.outbox_bytes.load(Ordering::Relaxed)
-            ),
-            (0, 0)
-        );
-        assert_each_row_once(&s, &accepted, 35);
-        assert_eq!(s.stats.requests.load(Ordering::Relaxed), 3 + 2);
-    }
-
-    /// Every row in the outbox (`left`) or accepted exactly once, and the gauges agree.
-    fn assert_each_row_once(s: &Shipper, accepted: &Mutex<Vec<String>>, rows: i64) {
-        let left = store::outbox_len(&s.conn.lock().unwrap()).unwrap();
-        let taken = accepted.lock().unwrap().len() as i64;
+        let accepted = seen.accepted.lock().unwrap();
+        let taken = accepted.len() as i64;
         assert_eq!(left + taken, rows, "{left} left + {taken} accepted");
         assert_eq!(s.stats.shipped.load(Ordering::Relaxed) as i64, taken);
         assert_eq!(s.stats.outbox_rows.load(Ordering::Relaxed), left);
         let mut times: Vec<i64> = accepted
-            .lock()
-            .unwrap()
             .iter()
             .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
             .collect();
@@ -830,43 +787,111 @@ mod tests {
         assert_eq!(times.len() as i64, taken, "a row accepted twice");
     }
 
+    fn requests(seen: &Seen) -> (usize, usize) {
+        (
+            seen.came.load(Ordering::SeqCst),
+            seen.most.load(Ordering::SeqCst),
+        )
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn two_requests_in_flight_and_a_failure_loses_and_doubles_nothing() {
-        // Batches of 10, two on the wire at once: the store holds each of the first two
-        // requests until the other arrives (10 s at most), then accepts one and refuses the
-        // other with 503. If the 204 comes back first, a third batch may go out (accepted)
-        // before the 503 stops the drain. The next pass ships the rest.
-        let (port, accepted, wire) = holding_store(vec![204, 503], 2, Duration::from_secs(10));
+    async fn pipelined_drain_deletes_only_accepted_rows() {
+        // One request at a time, batches of 10 (rows stamped 0..35): two accepted, the third
+        // refused with 503 while the fourth is read ahead; the next pass re-sends from the
+        // first row not accepted.
+        let (port, seen) = answering_store(|first, times| match (first, times) {
+            (20, 1) => (503, Duration::ZERO),
+            _ => (204, Duration::from_millis(20)),
+        });
         let dir = tempfile::tempdir().unwrap();
-        let s = shipper(dir.path(), port, 35, 10, 2);
+        let s = shipper(dir.path(), port, 35, 10, 1);
         s.flush().await;
-        assert_eq!(
-            wire.requests.lock().unwrap().most,
-            2,
-            "two requests at once"
-        );
-        let requests = s.stats.requests.load(Ordering::Relaxed);
-        assert!(requests == 2 || requests == 3, "{requests} requests");
-        assert_eq!(accepted.lock().unwrap().len(), 10 * (requests as usize - 1));
-        assert_each_row_once(&s, &accepted, 35);
+        assert_eq!(store::outbox_len(&s.conn.lock().unwrap()).unwrap(), 15);
+        assert_eq!(seen.accepted.lock().unwrap().len(), 20);
+        assert_each_row_once(&s, &seen, 35);
         s.flush().await;
         assert_eq!(store::outbox_len(&s.conn.lock().unwrap()).unwrap(), 0);
-        assert_each_row_once(&s, &accepted, 35);
         assert_eq!(s.stats.outbox_bytes.load(Ordering::Relaxed), 0);
-        // 35 rows are 4 batches, the refused one sent twice.
-        assert_eq!(s.stats.requests.load(Ordering::Relaxed), 5);
+        assert_each_row_once(&s, &seen, 35);
+        assert_eq!(requests(&seen), (3 + 2, 1), "(requests, most at once)");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_requests_in_flight_and_a_failure_loses_and_doubles_nothing() {
+        // Two on the wire at once. The first batch (rows 0..10) is accepted after 300 ms; the
+        // second (10..20) refused with 503 after 400 ms. In between, the batches after them
+        // (20..30, 30..35) go out and are accepted at once. The next pass ships 10..20.
+        let (port, seen) = answering_store(|first, times| match (first, times) {
+            (0, _) => (204, Duration::from_millis(300)),
+            (10, 1) => (503, Duration::from_millis(400)),
+            _ => (204, Duration::ZERO),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let s = shipper(dir.path(), port, 35, 10, 2);
+        let drained = s.drain(None, || {}).await;
+        assert!(matches!(drained, Err(Stop::Write(..))), "{drained:?}");
+        assert_eq!(requests(&seen), (4, 2), "(requests, most at once)");
+        assert_eq!(store::outbox_len(&s.conn.lock().unwrap()).unwrap(), 10);
+        assert_each_row_once(&s, &seen, 35);
+        s.flush().await;
+        assert_eq!(store::outbox_len(&s.conn.lock().unwrap()).unwrap(), 0);
+        assert_eq!(s.stats.outbox_bytes.load(Ordering::Relaxed), 0);
+        assert_each_row_once(&s, &seen, 35);
+        assert_eq!(requests(&seen).0, 5);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_request_in_flight_is_one_at_a_time() {
-        // The store holds each request 200 ms for a second one, which must not come.
-        let (port, accepted, wire) = holding_store(vec![204; 4], 2, Duration::from_millis(200));
+        // Each request is answered after 100 ms: time enough for a second one to come.
+        let (port, seen) = answering_store(|_, _| (204, Duration::from_millis(100)));
         let dir = tempfile::tempdir().unwrap();
         let s = shipper(dir.path(), port, 35, 10, 1);
         s.flush().await;
-        assert_eq!(wire.requests.lock().unwrap().most, 1);
+        assert_eq!(requests(&seen), (4, 1), "(requests, most at once)");
         assert_eq!(store::outbox_len(&s.conn.lock().unwrap()).unwrap(), 0);
-        assert_each_row_once(&s, &accepted, 35);
+        assert_each_row_once(&s, &seen, 35);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_failure_no_request_is_sent_not_even_half_a_split_batch() {
+        // Two batches of 10 on the wire. The second is refused at once with 503; the first is
+        // answered 413 (too large) 300 ms later. Its halves must not be sent: the drain has
+        // failed, and every row stays in the outbox.
+        let (port, seen) = answering_store(|first, _| match first {
+            0 => (413, Duration::from_millis(300)),
+            10 => (503, Duration::ZERO),
+            _ => (204, Duration::ZERO),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let s = shipper(dir.path(), port, 20, 10, 2);
+        let drained = s.drain(None, || {}).await;
+        assert!(
+            matches!(&drained, Err(Stop::Write(reason, _)) if reason.contains("503")),
+            "{drained:?}"
+        );
+        assert_eq!(requests(&seen).0, 2, "requests");
+        assert_eq!(seen.accepted.lock().unwrap().len(), 0);
+        assert_each_row_once(&s, &seen, 20);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_lets_the_requests_on_the_wire_finish_and_sends_no_more() {
+        // Every request is answered 204 after 300 ms; the drain is stopped once two are on
+        // the wire. Those two are accepted and deleted; the rest stays.
+        let (port, seen) = answering_store(|_, _| (204, Duration::from_millis(300)));
+        let dir = tempfile::tempdir().unwrap();
+        let s = shipper(dir.path(), port, 35, 10, 2);
+        let stop = CancellationToken::new();
+        let (drained, ()) = tokio::join!(s.drain(Some(&stop), || {}), async {
+            while seen.came.load(Ordering::SeqCst) < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            stop.cancel();
+        });
+        assert!(drained.is_ok(), "{drained:?}");
+        assert_eq!(requests(&seen), (2, 2), "(requests, most at once)");
+        assert_eq!(seen.accepted.lock().unwrap().len(), 20);
+        assert_each_row_once(&s, &seen, 35);
     }
 
     #[test]
