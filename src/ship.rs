@@ -518,7 +518,12 @@ impl Shipper {
         }
         // Let the read in flight finish its deletes; its batch is read again later.
         if let Some(h) = next.take() {
-            let _ = h.await;
+            let read = h
+                .await
+                .unwrap_or_else(|e| panic!("shipper database task panicked: {e}"));
+            if let Err(e) = read {
+                failed.get_or_insert(Stop::Outbox(e));
+            }
         }
         self.step(std::mem::take(&mut accepted), after, 0)
             .await
