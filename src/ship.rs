@@ -501,7 +501,9 @@ impl Shipper {
                 read = async { next.as_mut().expect("room means a read").await }, if room => {
                     next = None;
                     match read.unwrap_or_else(|e| panic!("shipper database task panicked: {e}")) {
-                        Err(e) => failed = Some(Stop::Outbox(e)),
+                        Err(e) => {
+                            failed.get_or_insert(Stop::Outbox(e));
+                        }
                         Ok((batch, _)) if batch.is_empty() => exhausted = true,
                         Ok((batch, body)) => {
                             after = batch.seqs[batch.len() - 1];
